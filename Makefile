@@ -1,0 +1,37 @@
+# Every target does its own set-up: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+RUN    ?= runs/demo
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup: $(STAMP)
+
+# torch first and pinned: an unpinned torch pulled in by the package would fetch a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/lca demo configs/demo.yaml --out $(RUN)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not slurm"
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+lint: setup
+	$(VENV)/bin/ruff check replay analysis tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,44 @@
+"""lca-replay: Loss Change Allocation by offline checkpoint replay.
+
+Public API (imported lazily so that `lca --help` does not pay for torch):
+
+- :class:`Recorder` — record a training run into a trajectory store.
+- :func:`open_trajectory` — read a trajectory store.
+- :func:`run` — replay a trajectory into an LCA cube (xarray Dataset, zarr on disk).
+- :class:`Sampled` — the sampled (mini-batch) gradient mode.
+- :func:`load_param_lca` — per-parameter cumulative LCA saved with a cube.
+- :class:`Task`, :func:`load_task` — how a replay rebuilds the model, data and loss.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_API = {
+    "Recorder": "replay.record",
+    "open_trajectory": "replay.store",
+    "Trajectory": "replay.store",
+    "TrajectoryError": "replay.errors",
+    "ReplayError": "replay.errors",
+    "Task": "replay.task",
+    "load_task": "replay.task",
+    "run": "replay.engine",
+    "Sampled": "replay.gradients",
+    "load_param_lca": "replay.cube",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'replay' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,74 @@
+"""The Task protocol: everything a replay needs to rebuild the computation of a training run.
+
+A task is referenced as ``"package.module:Factory"`` plus JSON-serialisable keyword arguments;
+``Factory(**args)`` must return an object implementing :class:`Task`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from replay.errors import TaskError
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the replay engine calls. Only ``token_counts`` is optional.
+
+    The model is put in eval mode by the engine, so the loss is deterministic and
+    ``L(θ; D) = Σ loss_sum / Σ count`` over batches is exact for any batch size.
+    """
+
+    def build_model(self) -> Any:
+        """A fresh ``torch.nn.Module`` with the recorded architecture (values are overwritten)."""
+
+    def datasets(self) -> Mapping[str, Sequence]:
+        """Dataset name -> indexable sequence of items."""
+
+    def collate(self, items: Sequence) -> Any:
+        """Items -> a batch (tensors, or tuples/lists/dicts of tensors)."""
+
+    def loss(self, model: Any, batch: Any) -> tuple[Any, Any]:
+        """(sum of per-item losses as a 0-d tensor, number of items or tokens)."""
+
+
+def load_task(ref: str, args: Mapping[str, Any] | None = None) -> Task:
+    """Import ``"package.module:Factory"`` and return ``Factory(**args)``."""
+    if not isinstance(ref, str) or ref.count(":") != 1:
+        raise TaskError(
+            f"task reference {ref!r} is not of the form 'package.module:Factory' "
+            "(e.g. 'replay.tasks.toy_nmt:ToyNMT')"
+        )
+    module_name, attr = ref.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise TaskError(
+            f"cannot import task module {module_name!r} of {ref!r}: {err}; "
+            "install it or put it on PYTHONPATH"
+        ) from err
+    try:
+        factory = getattr(module, attr)
+    except AttributeError:
+        raise TaskError(f"module {module_name!r} has no attribute {attr!r} (task {ref!r})") from None
+    args = dict(args or {})
+    try:
+        json.dumps(args)
+    except TypeError as err:
+        raise TaskError(f"task arguments for {ref!r} must be JSON-serialisable: {err}") from None
+    try:
+        task = factory(**args)
+    except TypeError as err:
+        raise TaskError(f"task {ref!r} rejected its arguments {sorted(args)}: {err}") from err
+    missing = [m for m in ("build_model", "datasets", "collate", "loss") if not callable(getattr(task, m, None))]
+    if missing:
+        raise TaskError(f"task {ref!r} does not implement {', '.join(missing)} (see replay.Task)")
+    return task
+
+
+def task_reference(obj: Any) -> str:
+    """The ``module:qualname`` reference of a task class or factory."""
+    return f"{obj.__module__}:{obj.__qualname__}"
