@@ -63,7 +63,8 @@ def load_task(ref: str, args: Mapping[str, Any] | None = None) -> Task:
         task = factory(**args)
     except TypeError as err:
         raise TaskError(f"task {ref!r} rejected its arguments {sorted(args)}: {err}") from err
-    missing = [m for m in ("build_model", "datasets", "collate", "loss") if not callable(getattr(task, m, None))]
+    missing = [m for m in ("build_model", "datasets", "collate", "loss")
+               if not callable(getattr(task, m, None))]
     if missing:
         raise TaskError(f"task {ref!r} does not implement {', '.join(missing)} (see replay.Task)")
     return task

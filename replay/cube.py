@@ -1,0 +1,253 @@
+"""The LCA cube on disk (DESIGN §7): a zarr store that xarray opens as step × group × dataset.
+
+The layout is created once with every variable empty (NaN / 0 / False); replay tasks then fill
+whole step chunks, and ``done`` is set after a chunk's data, so a crash never leaves a step
+marked done without its numbers. Per-parameter cumulative LCA is kept beside the variables:
+each replayed piece of steps writes its partial sums to ``param_lca_parts``; once every step is
+done they are added in step order into ``param_lca/<dataset>``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+
+import dask.array as da
+import numpy as np
+import torch
+import xarray as xr
+import zarr
+
+from replay import __version__
+from replay.errors import CubeError
+
+FLOAT_VARS = ("loss", "loss_next", "residual")
+PARTS, PARAMS = "param_lca_parts", "param_lca"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Coordinates of a cube. ``steps``/``step_ends`` (n,), one entry per replayed interval."""
+
+    steps: np.ndarray
+    step_ends: np.ndarray
+    labels: tuple[str, ...]  # "grouping/name"
+    groupings: tuple[str, ...]  # grouping of each label
+    sizes: np.ndarray  # int64 |g| per label
+    datasets: tuple[str, ...]
+    chunk: int
+
+
+def _quiet():
+    # zarr flags v3 consolidated metadata as outside the spec; xarray reads it fine and it
+    # makes open_zarr fast, so the notice is noise for our users.
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+    return ctx
+
+
+def _template(layout: Layout, attrs: dict) -> xr.Dataset:
+    n, g, d, c = len(layout.steps), len(layout.labels), len(layout.datasets), layout.chunk
+
+    def empty(shape, dtype, fill):
+        chunks = (c,) + shape[1:]
+        return da.full(shape, fill, dtype=dtype, chunks=chunks)
+
+    sgd, sd = ("step", "group", "dataset"), ("step", "dataset")
+    data = {
+        "lca": (sgd, empty((n, g, d), "f8", np.nan)),
+        "helped": (sgd, empty((n, g, d), "i8", 0)),
+        "loss": (sd, empty((n, d), "f8", np.nan)),
+        "loss_next": (sd, empty((n, d), "f8", np.nan)),
+        "residual": (sd, empty((n, d), "f8", np.nan)),
+        "splits": (("step",), empty((n,), "i8", 0)),
+        "done": (("step",), empty((n,), bool, False)),
+    }
+    coords = {
+        "step": ("step", np.asarray(layout.steps, dtype=np.int64)),
+        "step_end": ("step", np.asarray(layout.step_ends, dtype=np.int64)),
+        "group": ("group", np.array(layout.labels, dtype=object)),
+        "grouping": ("group", np.array(layout.groupings, dtype=object)),
+        "group_size": ("group", np.asarray(layout.sizes, dtype=np.int64)),
+        "dataset": ("dataset", np.array(layout.datasets, dtype=object)),
+    }
+    ds = xr.Dataset(data, coords=coords, attrs=attrs)
+    ds["lca"].attrs.update(units="loss", long_name="loss change allocated to the group")
+    ds["helped"].attrs.update(long_name="elements with LCA < 0")
+    return ds
+
+
+def create(path: str, layout: Layout, attrs: dict) -> None:
+    """Write an empty cube; refuses to touch an existing store."""
+    ds = _template(layout, attrs)
+    c = layout.chunk
+    encoding = {v: {"chunks": (c,) + ds[v].shape[1:]} for v in ds.data_vars}
+    for v in ("lca",) + FLOAT_VARS:
+        encoding[v]["fill_value"] = np.nan
+    ctx = _quiet()
+    try:
+        ds.to_zarr(path, mode="w-", compute=False, encoding=encoding, zarr_format=3,
+                   consolidated=True)
+        root = zarr.open_group(path, mode="r+", use_consolidated=False)
+        for name in layout.datasets:
+            root.require_group(f"{PARTS}/{name}")
+    except FileExistsError:
+        raise CubeError(f"{path} already exists; pass it to resume, or choose another --cube") from None
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def exists(path: str) -> bool:
+    try:
+        zarr.open_group(path, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        return False
+    return True
+
+
+def read_attrs(path: str) -> dict:
+    try:
+        return dict(zarr.open_group(path, mode="r").attrs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
+        raise CubeError(f"{path} is not an LCA cube ({err}); run `lca replay` to make one") from None
+
+
+def check_compatible(path: str, layout: Layout, settings: dict) -> None:
+    """Refuse to resume a cube made from another trajectory or with other settings."""
+    attrs = read_attrs(path)
+    if "settings" not in attrs:
+        raise CubeError(f"{path} is not an LCA cube (no 'settings' attribute); choose another --cube")
+    theirs = json.loads(attrs["settings"])
+    diff = [k for k in sorted(set(theirs) | set(settings)) if theirs.get(k) != settings.get(k)]
+    if diff:
+        k = diff[0]
+        raise CubeError(
+            f"cube {path} was made with other settings ({', '.join(diff)} differ; e.g. {k}: "
+            f"cube has {theirs.get(k)!r}, this run {settings.get(k)!r}); "
+            "use another --cube or the cube's settings"
+        )
+    root = zarr.open_group(path, mode="r")
+    steps = np.asarray(root["step"][:])
+    labels = tuple(str(x) for x in root["group"][:])
+    if not np.array_equal(steps, layout.steps) or labels != layout.labels:
+        raise CubeError(
+            f"cube {path} covers other steps or groups than this run; use another --cube"
+        )
+    chunk = root["done"].chunks[0]
+    if chunk != layout.chunk:
+        raise CubeError(f"cube {path} is chunked by {chunk} steps, this run asked for "
+                        f"{layout.chunk}; drop chunk_size or pass {chunk}")
+
+
+def cube_chunk(path: str) -> int:
+    return int(zarr.open_group(path, mode="r")["done"].chunks[0])
+
+
+class CubeWriter:
+    """Region writes into an existing cube (the driver is the only writer of its steps)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.root = zarr.open_group(path, mode="r+", use_consolidated=False)
+
+    def done_mask(self) -> np.ndarray:
+        return np.asarray(self.root["done"][:], dtype=bool)
+
+    def write(self, i0: int, i1: int, result: dict) -> None:
+        """``result`` arrays cover intervals [i0, i1); ``done`` goes last."""
+        for name in ("lca", "helped", "splits") + FLOAT_VARS:
+            self.root[name][i0:i1] = result[name]
+        self.root["done"][i0:i1] = True
+
+    # -- per-parameter cumulative LCA --------------------------------------------------------
+    def drop_stale_parts(self, datasets, i0: int, i1: int) -> None:
+        """Partials inside [i0, i1) whose steps are not done belong to an interrupted run."""
+        done = self.done_mask()
+        for name in datasets:
+            group = self.root[f"{PARTS}/{name}"]
+            for key in list(group.array_keys()):
+                a, b = _part_range(key)
+                if a >= i0 and b <= i1 and not done[a:b].all():
+                    del group[key]
+
+    def finalize_params(self, datasets, names, shapes) -> bool:
+        """Add the partials in step order into ``param_lca/<dataset>``; False if incomplete."""
+        n = self.root["done"].shape[0]
+        if not self.done_mask().all():
+            return False
+        if PARAMS in self.root and all(d in self.root[PARAMS] for d in datasets):
+            return True
+        ctx = _quiet()
+        try:
+            for name in datasets:
+                group = self.root[f"{PARTS}/{name}"]
+                keys = sorted(group.array_keys(), key=_part_range)
+                edges = [_part_range(k) for k in keys]
+                if not edges or edges[0][0] != 0 or edges[-1][1] != n or any(
+                        a[1] != b[0] for a, b in zip(edges, edges[1:])):
+                    raise CubeError(
+                        f"per-parameter LCA parts of {self.path} for {name!r} do not tile the "
+                        f"steps ({edges[:4]}…); delete the cube and replay again"
+                    )
+                total = np.zeros(group[keys[0]].shape, dtype=np.float64)
+                for key in keys:
+                    total += group[key][:]
+                arr = self.root.require_group(PARAMS).create_array(
+                    name, shape=total.shape, dtype="f8", chunks=(min(total.size, 1 << 22),),
+                    overwrite=True)
+                arr[:] = total
+                arr.attrs.update(names=list(names), shapes=[list(shapes[k]) for k in names])
+            for name in datasets:
+                del self.root[f"{PARTS}/{name}"]
+            zarr.consolidate_metadata(self.path)
+        finally:
+            ctx.__exit__(None, None, None)
+        return True
+
+
+def write_param_part(path: str, dataset: str, i0: int, i1: int, values: np.ndarray) -> None:
+    """Called by a replay task: its steps' per-element LCA sums (D,) for one dataset."""
+    group = zarr.open_group(path, mode="r+", path=f"{PARTS}/{dataset}", use_consolidated=False)
+    arr = group.create_array(f"{i0:09d}-{i1:09d}", shape=values.shape, dtype="f8",
+                             chunks=(min(values.size, 1 << 22),), overwrite=True)
+    arr[:] = values
+
+
+def _part_range(key: str) -> tuple[int, int]:
+    a, b = key.split("-")
+    return int(a), int(b)
+
+
+def load_param_lca(cube_path: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-parameter cumulative LCA: {dataset: {parameter name: float64 tensor of its shape}}.
+
+    Σ over every element of every parameter equals Σ_step Σ_group lca of any one grouping.
+    """
+    try:
+        root = zarr.open_group(cube_path, mode="r", use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        raise CubeError(f"{cube_path} is not an LCA cube; run `lca replay` to make one") from None
+    if PARAMS not in root:
+        missing = int((~np.asarray(root["done"][:], dtype=bool)).sum()) if "done" in root else -1
+        raise CubeError(
+            f"per-parameter LCA of {cube_path} is not complete ({missing} steps missing); "
+            "run `lca replay` on it again to finish"
+        )
+    out = {}
+    for dataset in sorted(root[PARAMS].array_keys()):
+        arr = root[f"{PARAMS}/{dataset}"]
+        flat = np.asarray(arr[:])
+        names, shapes = arr.attrs["names"], arr.attrs["shapes"]
+        tensors, off = {}, 0
+        for name, shape in zip(names, shapes):
+            size = int(np.prod(shape, dtype=np.int64))
+            tensors[name] = torch.from_numpy(flat[off:off + size].reshape(shape).copy())
+            off += size
+        out[dataset] = tensors
+    return out
+
+
+def version_attrs() -> dict:
+    return {"lca_replay_version": __version__}

@@ -1,0 +1,174 @@
+"""Gradient modes (DESIGN §5): the whole dataset, or a seeded mini-batch sample per step.
+
+:class:`LossOracle` evaluates L(θ; D) and ∇L(θ; D) for every dataset at the parameters
+currently held by a :class:`replay.flat.FlatModel`.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from replay.errors import ConfigError, ReplayError
+from replay.quadrature import Point
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """Zhu et al.'s sampled LCA: ``batches`` fresh mini-batches of ``batch_size`` items per step.
+
+    The sample of step t on dataset D is drawn from a generator keyed by (seed, D, t), so it
+    does not depend on chunking or workers, and the same sample serves every quadrature
+    point of that step.
+    """
+
+    batches: int
+    batch_size: int
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("batches", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"Sampled({key}=...) must be a positive integer, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"Sampled(seed=...) must be a non-negative integer, got {self.seed!r}")
+
+    def describe(self) -> dict:
+        return {"mode": "sampled", **asdict(self)}
+
+
+EXACT = {"mode": "exact"}
+
+
+def parse_gradient(spec: Any) -> Sampled | None:
+    """``"exact"`` -> None; a :class:`Sampled`, or a mapping with mode/batches/batch_size/seed."""
+    if spec is None or spec == "exact" or spec == EXACT:
+        return None
+    if isinstance(spec, Sampled):
+        return spec
+    if isinstance(spec, Mapping) and spec.get("mode", "sampled") == "sampled":
+        keys = {"batches", "batch_size", "seed"}
+        unknown = set(spec) - keys - {"mode"}
+        if unknown or not {"batches", "batch_size"} <= set(spec):
+            raise ConfigError(
+                f"sampled gradient needs batches and batch_size (optional seed); got keys "
+                f"{sorted(spec)}"
+            )
+        return Sampled(**{k: spec[k] for k in keys if k in spec})
+    if spec == "sampled":
+        raise ConfigError(
+            "gradient 'sampled' needs a sample size: pass replay.Sampled(batches=m, "
+            "batch_size=b, seed=s) (CLI: --gradient sampled --batches M --batch-size B)"
+        )
+    raise ConfigError(f"unknown gradient {spec!r}; valid: 'exact' or replay.Sampled(...)")
+
+
+def describe_gradient(mode: Sampled | None) -> str:
+    return json.dumps(EXACT if mode is None else mode.describe(), sort_keys=True)
+
+
+def sample_indices(mode: Sampled, dataset: str, n_items: int, step: int) -> list[np.ndarray]:
+    """The ``mode.batches`` index arrays drawn for (seed, dataset, step); without replacement
+    inside a batch, independently across batches (a bootstrap of mini-batches)."""
+    key = [mode.seed, zlib.crc32(dataset.encode()), int(step)]
+    rng = np.random.default_rng(np.random.SeedSequence(key))
+    size = min(mode.batch_size, n_items)
+    return [np.sort(rng.choice(n_items, size=size, replace=False)) for _ in range(mode.batches)]
+
+
+def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move every tensor in a nested batch to ``device``; floating tensors take ``dtype``."""
+    if isinstance(batch, torch.Tensor):
+        if batch.is_floating_point():
+            return batch.to(device=device, dtype=dtype)
+        return batch.to(device=device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: to_device(v, device, dtype) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(v, device, dtype) for v in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(v, device, dtype) for v in batch)
+    return batch
+
+
+class LossOracle:
+    """L(θ; D) and ∇L(θ; D) for each named dataset, exact or on the step's sample.
+
+    Exact mode collates each dataset once and keeps the batches for the oracle's lifetime
+    (one task's chunk of steps): the data loop is the replay's hot path.
+    """
+
+    def __init__(self, task, flat, datasets: Sequence[str], mode: Sampled | None,
+                 batch_size: int):
+        self.task, self.flat, self.mode, self.batch_size = task, flat, mode, batch_size
+        self.names = list(datasets)
+        available = task.datasets()
+        self.items = {}
+        for name in self.names:
+            if name not in available:
+                raise ReplayError(
+                    f"dataset {name!r} is not provided by the task; it provides "
+                    f"{', '.join(sorted(available))}"
+                )
+            items = available[name]
+            if len(items) == 0:
+                raise ReplayError(f"dataset {name!r} is empty; remove it from datasets=")
+            self.items[name] = items
+        self._exact_cache: dict[str, list] = {}
+        self._batches: dict[str, list] = {}
+        self.step: int | None = None
+
+    def prepare(self, step: int) -> None:
+        """Select the data for the interval starting at ``step``."""
+        self.step = step
+        for name in self.names:
+            if self.mode is None:
+                if name not in self._exact_cache:
+                    self._exact_cache[name] = self._collate_range(name, range(len(self.items[name])))
+                self._batches[name] = self._exact_cache[name]
+            else:
+                idx = sample_indices(self.mode, name, len(self.items[name]), step)
+                self._batches[name] = [self._collate(name, i) for i in idx]
+
+    def _collate_range(self, name, indices):
+        indices = list(indices)
+        bs = self.batch_size
+        return [self._collate(name, indices[i:i + bs]) for i in range(0, len(indices), bs)]
+
+    def _collate(self, name, indices):
+        items = self.items[name]
+        batch = self.task.collate([items[int(i)] for i in indices])
+        return to_device(batch, self.flat.device, self.flat.dtype)
+
+    def evaluate(self, need_grad: bool) -> Point:
+        """Loss (and gradient when ``need_grad``) at the FlatModel's current θ."""
+        losses = np.empty(len(self.names))
+        grads = [] if need_grad else None
+        model = self.flat.model
+        for d, name in enumerate(self.names):
+            if need_grad:
+                self.flat.grad.zero_()
+            total, count = 0.0, 0.0
+            with torch.set_grad_enabled(need_grad):
+                for batch in self._batches[name]:
+                    loss_sum, n = self.task.loss(model, batch)
+                    if need_grad:
+                        loss_sum.backward()
+                    total += float(loss_sum.detach())
+                    count += float(n)
+            if count <= 0:
+                raise ReplayError(
+                    f"task loss returned a total count of {count} on dataset {name!r} at step "
+                    f"{self.step}; loss() must return (sum of losses, number of items/tokens)"
+                )
+            losses[d] = total / count
+            if need_grad:
+                grads.append(self.flat.grad / count)
+        return Point(losses, grads)

@@ -1,0 +1,124 @@
+"""Where replay tasks run (DESIGN §8): in-process, a Dask LocalCluster, an existing Dask
+scheduler, or a dask-jobqueue cluster on a batch system.
+
+``executor(...)`` is a context manager yielding ``(run, description)``: ``run(fn, spec, pieces)``
+returns an iterator of task results in completion order. Every worker runs torch with
+``threads`` intra-op threads, because float results depend on the thread count and a replay
+must give the same numbers for any scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from replay.errors import ConfigError
+
+JOBQUEUE = ("slurm", "pbs", "lsf", "sge", "oar", "htcondor", "moab")
+SCHEDULERS = "sync, threads[:N], local[:N], tcp://HOST:PORT, a scheduler file (.json), " + \
+    ", ".join(JOBQUEUE)
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    n = str(threads)
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n,
+            "NUMBA_NUM_THREADS": n}
+
+
+def _count(spec: str, name: str) -> int | None:
+    if spec == name:
+        return None
+    try:
+        value = int(spec.split(":", 1)[1])
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"scheduler {spec!r}: the worker count after ':' must be a positive integer")
+    return value
+
+
+@contextlib.contextmanager
+def executor(scheduler, *, threads: int = 1, cluster_options: dict | None = None):
+    """Yield ``(run, description)`` for the named scheduler (or a ``distributed.Client``)."""
+    if scheduler == "sync":
+        def run_sync(fn, spec, pieces):
+            import numba
+            import torch
+
+            saved = torch.get_num_threads(), numba.get_num_threads()
+            try:
+                for i0, i1 in pieces:
+                    yield _with_threads(fn, spec, i0, i1, threads)
+            finally:  # the caller's process (often IPython) keeps its own settings
+                torch.set_num_threads(saved[0])
+                numba.set_num_threads(saved[1])
+        yield run_sync, "sync (in-process, one task at a time)"
+        return
+
+    from distributed import Client, LocalCluster
+
+    owned = []
+    try:
+        if isinstance(scheduler, Client):
+            client, desc = scheduler, f"client {scheduler.scheduler.address}"
+        elif not isinstance(scheduler, str):
+            raise ConfigError(f"unknown scheduler {scheduler!r}; valid: {SCHEDULERS}")
+        elif scheduler == "threads" or scheduler.startswith("threads:"):
+            n = _count(scheduler, "threads") or max(1, (os.cpu_count() or 1) // threads)
+            cluster = LocalCluster(n_workers=1, threads_per_worker=n, processes=False,
+                                   dashboard_address=None)
+            owned.append(cluster)
+            client, desc = Client(cluster), f"threads ({n} in this process)"
+        elif scheduler == "local" or scheduler.startswith("local:"):
+            n = _count(scheduler, "local") or max(1, (os.cpu_count() or 1) // threads)
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, env=thread_env(threads),
+                                   silence_logs=40)
+            owned.append(cluster)
+            client, desc = Client(cluster), f"LocalCluster ({n} worker processes)"
+        elif scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+            client, desc = Client(scheduler), f"scheduler {scheduler}"
+        elif scheduler.endswith(".json"):
+            if not os.path.exists(scheduler):
+                raise ConfigError(f"scheduler file {scheduler} does not exist; start a scheduler "
+                                  f"with `dask scheduler --scheduler-file {scheduler}`")
+            client, desc = Client(scheduler_file=scheduler), f"scheduler file {scheduler}"
+        elif scheduler in JOBQUEUE:
+            from replay.cluster import make_jobqueue_cluster
+
+            opts = dict(cluster_options or {})
+            jobs = opts.pop("jobs", None) or 1
+            cluster = make_jobqueue_cluster(scheduler, **opts)
+            owned.append(cluster)
+            cluster.scale(jobs=jobs)
+            client, desc = Client(cluster), f"{scheduler} cluster ({jobs} jobs)"
+        else:
+            raise ConfigError(f"unknown scheduler {scheduler!r}; valid: {SCHEDULERS}")
+        if client is not scheduler:
+            owned.insert(0, client)  # close the client before the cluster it talks to
+
+        def run_dask(fn, spec, pieces) -> Iterator[dict]:
+            from distributed import as_completed
+
+            futures = [client.submit(_with_threads, fn, spec, i0, i1, threads, pure=False)
+                       for i0, i1 in pieces]
+            try:
+                for future in as_completed(futures):
+                    yield future.result()
+            finally:
+                for f in futures:
+                    f.cancel()
+
+        yield run_dask, desc
+    finally:
+        for thing in owned:
+            with contextlib.suppress(Exception):
+                thing.close()
+
+
+def _with_threads(fn, spec, i0, i1, threads):
+    import numba
+
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    return fn(spec, i0, i1)

@@ -1,0 +1,203 @@
+"""One replay task: a contiguous piece of intervals, replayed on whatever worker runs it.
+
+A task rebuilds θ at its first step from the nearest keyframe, walks forward, integrates each
+interval, reduces LCA into groups, writes its per-parameter partial sums into the cube, and
+returns the small per-step arrays for the driver to write. Everything it needs is in a
+picklable :class:`Spec`; models and data are cached per worker thread between tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from replay import cube
+from replay.errors import ReplayError
+from replay.flat import FlatModel
+from replay.gradients import LossOracle, Sampled
+from replay.quadrature import Point, integrate
+from replay.reduction import GroupReducer
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Spec:
+    trajectory: str
+    task_ref: str | None
+    task_args: dict
+    datasets: tuple[str, ...]
+    gradient: Sampled | None
+    quadrature: str
+    tolerance: float
+    max_splits: int
+    groupings: list
+    precision: str
+    device: str
+    batch_size: int
+    threads: int
+    cube: str
+    steps: np.ndarray  # interval starts (n,)
+    step_ends: np.ndarray  # interval ends (n,)
+    nonfinite: str = "error"
+    task_obj: Any = field(default=None, repr=False)  # a Task instance passed from Python
+
+    def cache_key(self) -> str:
+        return json.dumps([self.trajectory, self.task_ref, self.task_args, self.precision,
+                           self.device, self.datasets, self.batch_size, id(self.task_obj)
+                           if self.task_obj is not None else None, repr(self.gradient)],
+                          sort_keys=True, default=str)
+
+
+class _Runtime:
+    def __init__(self, spec: Spec):
+        from replay.store import open_trajectory
+        from replay.task import load_task
+
+        self.traj = open_trajectory(spec.trajectory)
+        task = spec.task_obj if spec.task_obj is not None else load_task(spec.task_ref,
+                                                                          spec.task_args)
+        where = f"task {spec.task_ref!r}" if spec.task_ref else "the task"
+        self.flat = FlatModel(task.build_model(), self.traj.names, self.traj.shapes,
+                              DTYPES[spec.precision], torch.device(spec.device), where=where)
+        self.oracle = LossOracle(task, self.flat, spec.datasets, spec.gradient, spec.batch_size)
+
+
+_CACHE: dict[tuple[int, str], _Runtime] = {}
+
+
+def _runtime(spec: Spec) -> _Runtime:
+    # Keyed by thread too: under the threads scheduler two tasks must not share one model.
+    key = (threading.get_ident(), spec.cache_key())
+    if key not in _CACHE:
+        _CACHE[key] = _Runtime(spec)
+    return _CACHE[key]
+
+
+def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
+    """Replay intervals [i0, i1) of ``spec.steps``; returns the cube arrays for them."""
+    began = time.perf_counter()
+    torch.set_num_threads(spec.threads)
+    rt = _runtime(spec)
+    flat, oracle = rt.flat, rt.oracle
+    reducer = GroupReducer(spec.groupings, rt.traj.names, flat.shapes, flat.offsets)
+    n, nd, ng = i1 - i0, len(spec.datasets), reducer.n_groups
+    out = {
+        "lca": np.full((n, ng, nd), np.nan), "helped": np.zeros((n, ng, nd), np.int64),
+        "loss": np.full((n, nd), np.nan), "loss_next": np.full((n, nd), np.nan),
+        "residual": np.full((n, nd), np.nan), "splits": np.zeros(n, np.int64),
+    }
+    cum = [np.zeros(flat.size, dtype=np.float64) for _ in range(nd)]
+    evaluations = forwards = 0
+    exact = spec.gradient is None
+    t0 = int(spec.steps[i0])
+    walk = rt.traj.walk(t0, int(spec.step_ends[i1 - 1]))
+    first, params, state0 = next(walk)
+    if first != t0:
+        raise ReplayError(f"trajectory {spec.trajectory} has no recorded step {t0}")
+    prev: Point | None = None
+    try:
+        theta0 = _flatten_checked(flat, params, t0)
+    except _NonFinite as err:
+        if spec.nonfinite != "skip":
+            raise ReplayError(str(err)) from None
+        theta0 = flat.flatten(params)
+    for j in range(n):
+        t, t1 = int(spec.steps[i0 + j]), int(spec.step_ends[i0 + j])
+        t_next, params, state = next(walk, (None, None, None))
+        if t_next != t1:
+            raise ReplayError(f"trajectory {spec.trajectory}: expected recorded step {t1} after "
+                              f"{t}, found {t_next}; run `lca verify` on it")
+        try:
+            theta1 = _flatten_checked(flat, params, t1)
+            delta = theta1 - theta0
+            flat.load_state(state0)
+            oracle.prepare(t)
+            reuse = prev if exact else None
+            last = j == n - 1
+            res = integrate(
+                spec.quadrature, _evaluator(flat, oracle, theta0, theta1, delta, t),
+                delta, start=reuse, end_grad=exact and not last,
+                tolerance=spec.tolerance, max_splits=spec.max_splits)
+            evaluations += res.evaluations
+            forwards += res.forwards
+            delta_np = _host(delta)
+            for d in range(nd):
+                lca, helped = reducer.reduce(_host(res.gbar[d]), delta_np, cum[d])
+                out["lca"][j, :, d], out["helped"][j, :, d] = lca, helped
+            out["loss"][j], out["loss_next"][j] = res.start.loss, res.end.loss
+            out["residual"][j] = (res.end.loss - res.start.loss) - \
+                out["lca"][j, reducer.first, :].sum(axis=0)
+            out["splits"][j] = res.splits
+            same_state = _same_state(state0, state)
+            prev = res.end if (exact and same_state and res.end.grads is not None) else None
+        except _NonFinite as err:
+            if spec.nonfinite != "skip":
+                raise ReplayError(str(err)) from None
+            prev = None  # step stays NaN, splits 0: marked in the cube, done like the others
+            theta1 = flat.flatten(params)
+        theta0, state0 = theta1, state
+    for d, name in enumerate(spec.datasets):
+        cube.write_param_part(spec.cube, name, i0, i1, cum[d])
+    out.update(i0=i0, i1=i1, evaluations=evaluations, forwards=forwards,
+               seconds=time.perf_counter() - began)
+    return out
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def _flatten_checked(flat: FlatModel, params, step: int) -> torch.Tensor:
+    vec = flat.flatten(params)
+    name = flat.first_nonfinite(vec)
+    if name is not None:
+        raise _NonFinite(
+            f"checkpoint at step {step} has non-finite values in {name!r}; pass "
+            "nonfinite='skip' (CLI --nonfinite skip) to mark such steps and continue"
+        )
+    return vec
+
+
+def _evaluator(flat: FlatModel, oracle: LossOracle, theta0, theta1, delta, step):
+    def evaluate(s: float, need_grad: bool) -> Point:
+        with torch.no_grad():
+            if s == 0.0:
+                flat.theta.copy_(theta0)
+            elif s == 1.0:
+                flat.theta.copy_(theta1)
+            else:
+                torch.add(theta0, delta, alpha=s, out=flat.theta)
+        point = oracle.evaluate(need_grad)
+        for d, name in enumerate(oracle.names):
+            bad = None
+            if not np.isfinite(point.loss[d]):
+                bad = "the loss"
+            elif need_grad:
+                tensor = flat.first_nonfinite(point.grads[d])
+                bad = None if tensor is None else f"the gradient of {tensor!r}"
+            if bad:
+                raise _NonFinite(
+                    f"{bad} is not finite on dataset {name!r} at step {step} (s={s:g} along the "
+                    "update); pass nonfinite='skip' (CLI --nonfinite skip) to mark such steps "
+                    "and continue"
+                )
+        return point
+
+    return evaluate
+
+
+def _host(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu").contiguous().numpy()
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(torch.equal(a[k], b[k]) for k in a)
