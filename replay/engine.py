@@ -7,12 +7,14 @@ task per piece on the chosen scheduler and writes each piece's arrays as it fini
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -42,12 +44,57 @@ def run(trajectory, task=None, datasets: Sequence[str] | None = None, gradient="
     ``task_args`` or, for the recorded reference, the manifest), or None with
     ``trust_task=True`` to import the reference stored in the manifest. ``steps``: ``"A:B"``,
     ``(A, B)`` or ``slice(A, B)``, the intervals whose start t has A <= t < B. Re-running on an
+    existing cube computes only the steps not yet done. ``scheduler``: see
+    :mod:`replay.scheduler`; ``threads``: torch threads per task (part of the settings, since
+    float results depend on it).
+    """
+    began = time.perf_counter()
+    plan = prepare(trajectory, task, datasets, gradient, quadrature, tolerance, max_splits,
+                   groups, out, steps=steps, chunk_size=chunk_size, precision=precision,
+                   task_args=task_args, trust_task=trust_task, batch_size=batch_size,
+                   device=device, threads=threads, nonfinite=nonfinite)
+    spec, writer = plan.spec, plan.writer
+    stats = _execute(spec, plan.pieces, writer, scheduler, threads, device, cluster_options,
+                     progress)
+    complete = writer.finalize_params(spec.datasets, plan.names, plan.shapes)
+    if progress:
+        _summary(spec.cube, stats, plan.selected, time.perf_counter() - began, complete)
+    return xr.open_zarr(spec.cube)
+
+
+@dataclass
+class Plan:
+    """What :func:`prepare` resolved: the task spec, the cube writer and the pieces to run."""
+
+    spec: Spec
+    writer: cube.CubeWriter
+    pieces: list[tuple[int, int]]
+    selected: np.ndarray
+    names: list[str]
+    shapes: dict
+
+
+def prepare(trajectory, task=None, datasets: Sequence[str] | None = None, gradient="exact",
+            quadrature: str = "simpson", tolerance: float = 1e-3, max_splits: int = 32,
+            groups="tensor", out: str | None = None, *, steps=None,
+            chunk_size: int | None = None, precision: str = "float32",
+            task_args: dict | None = None, trust_task: bool = False,
+            batch_size: int | None = None, device: str = "cpu", threads: int = 1,
+            nonfinite: str = "error", scheduler=None, cluster_options=None,
+            progress=None) -> Plan:
+    """Validate everything, create the cube (or check the existing one) and plan the pieces;
+    computes nothing. Job arrays call it once before their tasks fill the cube. Accepts (and
+    ignores) :func:`run`'s execution arguments, so both take the same keywords.
+
+    ``task``: a Task instance, a ``"package.module:Factory"`` reference (arguments from
+    ``task_args`` or, for the recorded reference, the manifest), or None with
+    ``trust_task=True`` to import the reference stored in the manifest. ``steps``: ``"A:B"``,
+    ``(A, B)`` or ``slice(A, B)``, the intervals whose start t has A <= t < B. Re-running on an
     existing cube computes only the steps not yet done.
     """
     from replay.groups import resolve_groupings
     from replay.store import open_trajectory
 
-    began = time.perf_counter()
     traj = open_trajectory(trajectory)
     mode = parse_gradient(gradient)
     check_quadrature(quadrature, tolerance, max_splits)
@@ -72,7 +119,7 @@ def run(trajectory, task=None, datasets: Sequence[str] | None = None, gradient="
 
     starts, ends = _intervals(traj)
     selected = select_steps(starts, steps)
-    out = _absolute(out or default_cube_path(traj.path, mode, quadrature))
+    out = _absolute(out or default_cube_path(traj.path, mode))
     labels, owners, sizes = [], [], []
     for g in groupings:
         labels += [f"{g.name}/{label}" for label in g.labels]
@@ -93,22 +140,16 @@ def run(trajectory, task=None, datasets: Sequence[str] | None = None, gradient="
                          tuple(names), chunk)
     if cube.exists(out):
         if chunk_size is None:
-            layout = cube.Layout(*[getattr(layout, f) for f in
-                                   ("steps", "step_ends", "labels", "groupings", "sizes",
-                                    "datasets")], cube.cube_chunk(out))
+            layout = dataclasses.replace(layout, chunk=cube.cube_chunk(out))
         cube.check_compatible(out, layout, settings)
     else:
         cube.create(out, layout, _attrs(traj, settings, mode, quadrature, tolerance))
     writer = cube.CubeWriter(out)
     pieces = plan_pieces(selected & ~writer.done_mask(), layout.chunk)
-    spec = Spec(_absolute(traj.path), ref, args, tuple(names), mode, quadrature, tolerance, max_splits,
-                groupings, precision, device, batch, threads, out, starts, ends, nonfinite,
-                task_obj)
-    stats = _execute(spec, pieces, writer, scheduler, threads, cluster_options, progress)
-    complete = writer.finalize_params(names, traj.names, traj.shapes)
-    if progress:
-        _summary(out, stats, selected, time.perf_counter() - began, complete)
-    return xr.open_zarr(out)
+    spec = Spec(_absolute(traj.path), ref, args, tuple(names), mode, quadrature, tolerance,
+                max_splits, groupings, precision, device, batch, threads, out, starts, ends,
+                nonfinite, task_obj)
+    return Plan(spec, writer, pieces, selected, list(traj.names), dict(traj.shapes))
 
 
 def _resolve_task(traj, task, task_args, trust_task):
@@ -205,11 +246,11 @@ def plan_slices(n_intervals: int, chunk: int, n: int, starts: np.ndarray) -> lis
     return slices
 
 
-def default_cube_path(store: str, mode: Sampled | None, quadrature: str) -> str:
+def default_cube_path(store: str, mode: Sampled | None) -> str:
     parent = os.path.dirname(os.path.abspath(store.rstrip("/"))) if "://" not in store else \
         store.rstrip("/").rsplit("/", 1)[0]
     kind = "exact" if mode is None else "sampled"
-    return f"{parent}/lca-{kind}-{quadrature}.zarr"
+    return f"{parent}/lca-{kind}.zarr"
 
 
 def _absolute(path) -> str:
@@ -230,7 +271,7 @@ def _attrs(traj, settings, mode, quadrature, tolerance) -> dict:
     return attrs
 
 
-def _execute(spec, pieces, writer, scheduler, threads, cluster_options, progress):
+def _execute(spec, pieces, writer, scheduler, threads, device, cluster_options, progress):
     stats = {"evaluations": 0, "forwards": 0, "task_seconds": 0.0, "steps": 0, "where": "-"}
     if not pieces:
         return stats
@@ -238,7 +279,8 @@ def _execute(spec, pieces, writer, scheduler, threads, cluster_options, progress
         writer.drop_stale_parts(spec.datasets, i0, i1)
     total = sum(i1 - i0 for i0, i1 in pieces)
     bar = None
-    with executor(scheduler, threads=threads, cluster_options=cluster_options) as (run_, where):
+    with executor(scheduler, threads=threads, device=device,
+                  cluster_options=cluster_options) as (run_, where):
         stats["where"] = where
         if progress:
             from tqdm.auto import tqdm

@@ -39,7 +39,8 @@ def _count(spec: str, name: str) -> int | None:
 
 
 @contextlib.contextmanager
-def executor(scheduler, *, threads: int = 1, cluster_options: dict | None = None):
+def executor(scheduler, *, threads: int = 1, device: str = "cpu",
+             cluster_options: dict | None = None):
     """Yield ``(run, description)`` for the named scheduler (or a ``distributed.Client``)."""
     if scheduler == "sync":
         def run_sync(fn, spec, pieces):
@@ -67,13 +68,13 @@ def executor(scheduler, *, threads: int = 1, cluster_options: dict | None = None
         elif scheduler == "threads" or scheduler.startswith("threads:"):
             n = _count(scheduler, "threads") or max(1, (os.cpu_count() or 1) // threads)
             cluster = LocalCluster(n_workers=1, threads_per_worker=n, processes=False,
-                                   dashboard_address=None)
+                                   dashboard_address=":0")
             owned.append(cluster)
             client, desc = Client(cluster), f"threads ({n} in this process)"
         elif scheduler == "local" or scheduler.startswith("local:"):
             n = _count(scheduler, "local") or max(1, (os.cpu_count() or 1) // threads)
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, env=thread_env(threads),
+                                   dashboard_address=":0", env=thread_env(threads),
                                    silence_logs=40)
             owned.append(cluster)
             client, desc = Client(cluster), f"LocalCluster ({n} worker processes)"
@@ -88,11 +89,10 @@ def executor(scheduler, *, threads: int = 1, cluster_options: dict | None = None
             from replay.cluster import make_jobqueue_cluster
 
             opts = dict(cluster_options or {})
-            jobs = opts.pop("jobs", None) or 1
-            cluster = make_jobqueue_cluster(scheduler, **opts)
+            cluster = make_jobqueue_cluster(scheduler, threads=threads, device=device, **opts)
             owned.append(cluster)
-            cluster.scale(jobs=jobs)
-            client, desc = Client(cluster), f"{scheduler} cluster ({jobs} jobs)"
+            client = Client(cluster)
+            desc = f"{scheduler} cluster ({opts.get('jobs') or 'default number of'} jobs)"
         else:
             raise ConfigError(f"unknown scheduler {scheduler!r}; valid: {SCHEDULERS}")
         if client is not scheduler:

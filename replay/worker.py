@@ -22,7 +22,7 @@ from replay.errors import ReplayError
 from replay.flat import FlatModel
 from replay.gradients import LossOracle, Sampled
 from replay.quadrature import Point, integrate
-from replay.reduction import GroupReducer
+from replay.kernel import Reducer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -86,7 +86,8 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
     torch.set_num_threads(spec.threads)
     rt = _runtime(spec)
     flat, oracle = rt.flat, rt.oracle
-    reducer = GroupReducer(spec.groupings, rt.traj.names, flat.shapes, flat.offsets)
+    reducer = Reducer(spec.groupings, {name: flat.shapes[name] for name in flat.names})
+    residual_groups = slice(0, len(spec.groupings[0].labels))  # the first grouping
     n, nd, ng = i1 - i0, len(spec.datasets), reducer.n_groups
     out = {
         "lca": np.full((n, ng, nd), np.nan), "helped": np.zeros((n, ng, nd), np.int64),
@@ -129,11 +130,11 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
             forwards += res.forwards
             delta_np = _host(delta)
             for d in range(nd):
-                lca, helped = reducer.reduce(_host(res.gbar[d]), delta_np, cum[d])
+                lca, helped = reducer.reduce_flat(_host(res.gbar[d]), delta_np, cum[d])
                 out["lca"][j, :, d], out["helped"][j, :, d] = lca, helped
             out["loss"][j], out["loss_next"][j] = res.start.loss, res.end.loss
             out["residual"][j] = (res.end.loss - res.start.loss) - \
-                out["lca"][j, reducer.first, :].sum(axis=0)
+                out["lca"][j, residual_groups, :].sum(axis=0)
             out["splits"][j] = res.splits
             same_state = _same_state(state0, state)
             prev = res.end if (exact and same_state and res.end.grads is not None) else None

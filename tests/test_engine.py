@@ -67,7 +67,7 @@ def reference_lca(store, nodes, weights, dataset="train"):
 
 
 def tensor_lca(cube, dataset="train"):
-    sel = cube.lca.sel(group=cube.grouping == "tensor", dataset=dataset)
+    sel = cube["lca"].sel(group=cube.grouping == "tensor", dataset=dataset)
     return {str(g).split("/", 1)[1]: sel.sel(group=g).values for g in sel.group.values}
 
 
@@ -116,7 +116,7 @@ def test_telescoping_and_first_order_residual(store, tmp_path):
     kw = dict(task=TASK, precision="float64", scheduler="sync", progress=False)
     adaptive = replay.run(store, out=str(tmp_path / "a.zarr"), quadrature="adaptive",
                           tolerance=1e-6, **kw)
-    lca = adaptive.lca.sel(group=adaptive.grouping == "tensor").sum(["group", "step"])
+    lca = adaptive["lca"].sel(group=adaptive.grouping == "tensor").sum(["group", "step"])
     actual = adaptive.loss_next.isel(step=-1) - adaptive.loss.isel(step=0)
     np.testing.assert_allclose(lca.values, actual.values, rtol=1e-3)
     assert (abs(adaptive.residual) <= 1e-6).all()
@@ -174,8 +174,8 @@ def test_sampled_is_reproducible_and_seeded(store, tmp_path):
     b = replay.run(store, gradient=replay.Sampled(2, 8, seed=1), out=str(tmp_path / "b"),
                    chunk_size=2, **kw)
     c = replay.run(store, gradient=replay.Sampled(2, 8, seed=2), out=str(tmp_path / "c"), **kw)
-    assert np.array_equal(a.lca.values, b.lca.values)
-    assert not np.array_equal(a.lca.values, c.lca.values)
+    assert np.array_equal(a["lca"].values, b["lca"].values)
+    assert not np.array_equal(a["lca"].values, c["lca"].values)
     # Same sample at every point of a step: Simpson's residual stays small on the sample.
     assert float(abs(a.residual).max()) < 1e-3
 

@@ -121,7 +121,8 @@ def main(args) -> int:
         from replay.cluster import job_script
 
         scheduler = kw["scheduler"]
-        print(job_script(scheduler, **kw.get("cluster_options", {})))
+        print(job_script(scheduler, threads=kw["threads"], device=kw["device"],
+                         **kw.get("cluster_options", {})))
         return 0
     from replay.engine import run
 

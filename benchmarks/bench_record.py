@@ -1,0 +1,100 @@
+"""Benchmark: training step time with vs without the Recorder, and bytes stored per parameter.
+
+Trains ``replay.tasks.toy_nmt:ToyNMT`` (a small Transformer encoder–decoder) with Adam and
+times each step (forward, backward, optimizer step, and ``rec.step(loss=...)`` in the recorded
+blocks). Blocks of ``--steps`` steps without (A) and with (B) a Recorder alternate ``--repeats``
+times in one run, so both see the same machine load; each B block records into a fresh store
+(θ_0 and the final flush are timed separately: they are not part of a training step).
+Prints median step times, the overhead ratio B/A, the flush time, and bytes on disk per
+parameter per recorded step of the stores. Usage::
+
+    python benchmarks/bench_record.py [--steps 20] [--repeats 4] [--d-model 48] [--ffn-dim 96]
+                                      [--mode delta|full] [--threads T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from replay.record import Recorder
+from replay.store import open_trajectory
+from replay.tasks.toy_nmt import ToyNMT
+
+
+def timed_steps(task, model, opt, batches, steps: int, rec=None) -> list[float]:
+    """Seconds per training step, for ``steps`` steps."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss_sum, count = task.loss(model, next(batches))
+        loss = loss_sum / count
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if rec is not None:
+            rec.step(loss=loss.detach())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="steps per A or B block")
+    parser.add_argument("--repeats", type=int, default=4, help="A/B block pairs")
+    parser.add_argument("--d-model", type=int, default=48, help="ToyNMT d_model (48: default)")
+    parser.add_argument("--ffn-dim", type=int, default=96, help="ToyNMT ffn_dim (96: default)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--mode", choices=("delta", "full"), default="delta")
+    parser.add_argument("--keyframe-every", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: "
+                                                                  "torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    task = ToyNMT(d_model=args.d_model, ffn_dim=args.ffn_dim)
+    model = task.build_model()
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = task.training_batches(args.batch_size, seed=0)
+    print(f"ToyNMT d_model={args.d_model} ffn_dim={args.ffn_dim}: {n_params:,} parameters, "
+          f"batch {args.batch_size}, {torch.get_num_threads()} torch threads, mode {args.mode}")
+    timed_steps(task, model, opt, batches, 5)          # warm-up: allocator, optimizer state
+
+    plain, recorded, flush, starts, per_param = [], [], [], [], []
+    with tempfile.TemporaryDirectory(prefix="bench-record-") as tmp:
+        for r in range(args.repeats):
+            plain += timed_steps(task, model, opt, batches, args.steps)
+            path = f"{tmp}/traj-{r}"
+            t0 = time.perf_counter()
+            rec = Recorder(model, path, keyframe_every=args.keyframe_every,
+                           mode=args.mode).start()
+            starts.append(time.perf_counter() - t0)
+            recorded += timed_steps(task, model, opt, batches, args.steps, rec)
+            t0 = time.perf_counter()
+            rec.close()
+            flush.append(time.perf_counter() - t0)
+            traj = open_trajectory(path)
+            per_param.append(traj.nbytes() / (n_params * len(traj.steps)))
+        traj.verify()
+
+    a, b = statistics.median(plain), statistics.median(recorded)
+    print(f"median step time without Recorder: {a * 1e3:8.2f} ms  ({len(plain)} steps)")
+    print(f"median step time with Recorder:    {b * 1e3:8.2f} ms  ({len(recorded)} steps)")
+    print(f"overhead ratio (with / without):   {b / a:8.3f}")
+    print(f"mean step time without / with:     {statistics.mean(plain) * 1e3:.2f} / "
+          f"{statistics.mean(recorded) * 1e3:.2f} ms")
+    print(f"start (θ_0) / close (flush) time:  {statistics.median(starts) * 1e3:.1f} / "
+          f"{statistics.median(flush) * 1e3:.1f} ms (median per store)")
+    print(f"bytes per parameter per recorded step: {statistics.median(per_param):.3f} "
+          f"({args.steps + 1} recorded steps per store, keyframe every {args.keyframe_every})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""manifest.json of a trajectory store (format v1): layout, validation, atomic writes, file access.
+
+The manifest is the table of contents: a file that it does not list does not exist for a
+reader, which is what makes crash-safety simple (data files are written and synced first, the
+manifest is replaced atomically after each completed step). Layout::
+
+    {"format_version": 1, "lca_replay_version": ..., "created": ISO-8601 UTC,
+     "mode": "delta" | "full", "keyframe_every": int, "every": int,
+     "task": "pkg.mod:Factory" | null, "task_args": {...},
+     "params": [{"name", "shape", "dtype"}, ...],          # recorded, canonical order
+     "aliases": {alias: canonical},                          # tied parameters
+     "state": [{"name", "shape", "dtype", "kind": "frozen" | "buffer"}, ...],
+     "steps": [{"step", "files": {"keyframe"|"delta"|"state": relpath},
+                "sha256": {relpath: hex}, "bytes": {relpath: int},
+                "loss": float | null, "lr": [float, ...] | null, "time": unix seconds,
+                "interval_losses": [...]  # only with every > 1: losses of steps (prev, step]
+               }, ...]}
+
+``files["delta"]`` of step t is Δ from t to the next recorded step (named by t).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+
+from replay.codec import PARAM_DTYPES, STATE_DTYPES
+from replay.errors import TrajectoryError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FILE_ROLES = ("keyframe", "delta", "state")
+_DIRS = {"keyframe": "keyframes", "delta": "deltas", "state": "state"}
+_FIX = "re-record or restore the file; `lca verify STORE` lists all problems"
+
+
+def file_name(role: str, step: int) -> str:
+    """Relative path of a data file, e.g. ``keyframes/step-00000100.safetensors``."""
+    return f"{_DIRS[role]}/step-{step:08d}.safetensors"
+
+
+def is_remote(path: str) -> bool:
+    """True for fsspec URLs (``s3://``, ``memory://``…); ``file://`` counts as local."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def local_path(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+# ------------------------------------------------------------------------------------ reading
+
+class Source:
+    """Whole-file reads from a local directory or an fsspec URL (no mmap: unsafe on NFS)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = os.fspath(root).rstrip("/") or "/"
+        self._fs = None
+        if is_remote(self.root):
+            import fsspec  # only needed for remote stores
+
+            self._fs, self._fs_root = fsspec.core.url_to_fs(self.root)
+        else:
+            self.root = local_path(self.root)
+
+    def read(self, rel: str) -> bytes:
+        """Bytes of ``rel``; a missing file raises FileNotFoundError."""
+        if self._fs is not None:
+            return self._fs.cat_file(posixpath.join(self._fs_root, rel))
+        with open(os.path.join(self.root, rel), "rb") as f:
+            return f.read()
+
+
+def read_manifest(source: Source) -> tuple[dict, bytes]:
+    """Parsed and validated manifest plus its raw bytes; one-line TrajectoryError otherwise."""
+    where = f"{source.root}/{MANIFEST}"
+    try:
+        raw = source.read(MANIFEST)
+    except FileNotFoundError:
+        raise TrajectoryError(
+            f"no trajectory at {source.root}: {MANIFEST} not found "
+            "(record one with replay.Recorder or check the path)") from None
+    except OSError as err:
+        raise TrajectoryError(f"cannot read {where}: {err}") from None
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TrajectoryError(
+            f"{where} is not valid JSON ({err}); the store is damaged: {_FIX}") from None
+    validate(manifest, where)
+    return manifest, raw
+
+
+def _need(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise TrajectoryError(f"{where}: {what}; {_FIX}")
+
+
+def validate(m: object, where: str) -> None:
+    """Check the structure of a parsed manifest; raise one-line TrajectoryError naming the key."""
+    _need(isinstance(m, dict), where, "top level is not a JSON object")
+    version = m.get("format_version")
+    if version != FORMAT_VERSION:
+        from replay import __version__
+
+        raise TrajectoryError(
+            f"{where}: format_version {version!r} is not supported by lca-replay {__version__} "
+            f"(it reads format {FORMAT_VERSION}); use the lca-replay version that recorded it")
+    for key in ("mode", "keyframe_every", "every", "params", "aliases", "state", "steps"):
+        _need(key in m, where, f"missing key {key!r}")
+    _need(m["mode"] in ("delta", "full"), where, f"mode {m['mode']!r} is not 'delta' or 'full'")
+    for key in ("keyframe_every", "every"):
+        _need(isinstance(m[key], int) and m[key] >= 1, where, f"{key} must be a positive integer")
+    _need(m.get("task") is None or isinstance(m["task"], str), where, "task must be a string")
+    _need(isinstance(m.get("task_args", {}), dict), where, "task_args must be an object")
+    names = set()
+    for section, dtypes in (("params", PARAM_DTYPES), ("state", STATE_DTYPES)):
+        _need(isinstance(m[section], list), where, f"{section!r} must be a list")
+        for i, p in enumerate(m[section]):
+            ok = (isinstance(p, dict) and isinstance(p.get("name"), str)
+                  and isinstance(p.get("shape"), list)
+                  and all(isinstance(s, int) and s >= 0 for s in p["shape"])
+                  and p.get("dtype") in dtypes)
+            _need(ok, where, f"{section}[{i}] needs a name, a shape and one of the dtypes "
+                             f"{', '.join(dtypes)}")
+            _need(p["name"] not in names, where, f"tensor {p['name']!r} is listed twice")
+            names.add(p["name"])
+    _need(isinstance(m["aliases"], dict)
+          and all(isinstance(v, str) and v in names for v in m["aliases"].values()),
+          where, "aliases must map names to listed tensors")
+    _need(isinstance(m["steps"], list), where, "'steps' must be a list")
+    last = -1
+    for i, e in enumerate(m["steps"]):
+        ok = isinstance(e, dict) and isinstance(e.get("step"), int) and e["step"] > last
+        _need(ok, where, f"steps[{i}] needs an integer step greater than the previous one")
+        last = e["step"]
+        files, sha, size = e.get("files"), e.get("sha256"), e.get("bytes")
+        _need(isinstance(files, dict) and isinstance(sha, dict) and isinstance(size, dict),
+              where, f"step {last}: files, sha256 and bytes must be objects")
+        for role, rel in files.items():
+            _need(role in FILE_ROLES, where, f"step {last}: unknown file role {role!r}")
+            # Relative paths inside the store only: a manifest must not point readers elsewhere.
+            ok = (isinstance(rel, str) and not rel.startswith("/") and ".." not in rel.split("/")
+                  and isinstance(sha.get(rel), str) and isinstance(size.get(rel), int))
+            _need(ok, where, f"step {last}: bad {role} entry {rel!r} (needs a relative path "
+                             "with a sha256 and a byte count)")
+        _need(i > 0 or "keyframe" in files, where, "the first recorded step has no keyframe")
+
+
+# ------------------------------------------------------------------------------------ writing
+
+def write_atomic(directory: str, rel: str, data: bytes, sync_dir: bool = True) -> None:
+    """Write ``directory/rel`` so that readers see the old file or the whole new one, never part.
+
+    Temp file in the same directory (same file system, so ``os.replace`` is atomic), fsync,
+    rename, then (``sync_dir``) fsync the directory so that the rename itself survives a power
+    loss before anything that refers to the file is written.
+    """
+    target = os.path.join(directory, rel)
+    folder = os.path.dirname(target)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if not sync_dir:
+        return
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class ManifestWriter:
+    """Builds manifest.json text incrementally: the header once, one pre-serialised line per step.
+
+    Rewriting the whole manifest after each step is O(steps) bytes, but only string joins: each
+    step entry is serialised once (twice for the entry that later gains its delta file).
+    """
+
+    def __init__(self, header: dict):
+        lines = [f'  "format_version": {json.dumps(header["format_version"])}']
+        for key, value in header.items():
+            if key == "format_version":
+                continue
+            if isinstance(value, list) and value:
+                items = ",\n".join("    " + json.dumps(v) for v in value)
+                lines.append(f"  {json.dumps(key)}: [\n{items}\n  ]")
+            else:
+                lines.append(f"  {json.dumps(key)}: {json.dumps(value)}")
+        self._head = "{\n" + ",\n".join(lines) + ',\n  "steps": ['
+        self.entries: list[dict] = []
+        self._lines: list[str] = []
+
+    def append(self, entry: dict) -> None:
+        self.entries.append(entry)
+        self._lines.append("    " + json.dumps(entry))
+
+    def refresh_last(self, offset: int = 1) -> None:
+        """Re-serialise an entry changed in place (the previous step gaining its delta file)."""
+        self._lines[-offset] = "    " + json.dumps(self.entries[-offset])
+
+    def text(self) -> str:
+        body = ("\n" + ",\n".join(self._lines) + "\n  ") if self._lines else ""
+        return self._head + body + "]\n}\n"

@@ -1,0 +1,263 @@
+"""Reading a trajectory store (format v1, DESIGN §2): θ_t at every recorded step, bit-exact.
+
+A store is a directory or fsspec URL with ``manifest.json`` (see :mod:`replay.manifest`),
+``keyframes/`` (full θ_t), ``deltas/`` (Δ to the next recorded step plus sparse corrections,
+see :mod:`replay.codec`) and ``state/`` (frozen parameters and buffers). Only safetensors and
+JSON are read, whole files at a time, each checked against its sha256 and size in the manifest.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+from collections.abc import Iterator
+
+import safetensors.torch
+import torch
+
+from replay.codec import (
+    PARAM_DTYPES, STATE_DTYPES, apply_delta, check_delta_payload, check_tensors, header_metadata,
+)
+from replay.errors import TrajectoryError
+from replay.manifest import _FIX, FORMAT_VERSION, MANIFEST, Source, read_manifest
+
+__all__ = ["FORMAT_VERSION", "Trajectory", "open_trajectory"]
+
+Tensors = dict[str, torch.Tensor]
+
+
+def open_trajectory(path: str | os.PathLike) -> Trajectory:
+    """Open the store at ``path`` (local directory or fsspec URL); validates manifest.json."""
+    return Trajectory(path)
+
+
+class Trajectory:
+    """A recorded training run: parameters θ_t (CPU, recorded dtype) at the recorded steps t.
+
+    Attributes: ``path``, ``manifest`` (parsed), ``manifest_sha256``, ``names`` (recorded
+    trainable parameters, canonical order), ``shapes``, ``dtypes``, ``aliases`` (tied alias ->
+    canonical name), ``state_names`` (frozen parameters and buffers), ``steps`` (ascending),
+    ``keyframe_steps``, ``mode``, ``every``, ``keyframe_every``, ``task``, ``task_args``.
+    Returned tensors are fresh copies owned by the caller.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._source = Source(self.path)
+        self.manifest, raw = read_manifest(self._source)
+        self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
+        m = self.manifest
+        self.names = [p["name"] for p in m["params"]]
+        self.shapes = {p["name"]: tuple(p["shape"]) for p in m["params"] + m["state"]}
+        self.dtypes = {p["name"]: PARAM_DTYPES[p["dtype"]] for p in m["params"]}
+        self.state_dtypes = {p["name"]: STATE_DTYPES[p["dtype"]] for p in m["state"]}
+        self.aliases = dict(m["aliases"])
+        self.state_names = [p["name"] for p in m["state"]]
+        self.mode, self.every, self.keyframe_every = m["mode"], m["every"], m["keyframe_every"]
+        self.task, self.task_args = m.get("task"), dict(m.get("task_args") or {})
+        self._entries = {e["step"]: e for e in m["steps"]}
+        self.steps = [e["step"] for e in m["steps"]]
+        self.keyframe_steps = [e["step"] for e in m["steps"] if "keyframe" in e["files"]]
+        self._param_shapes = {n: self.shapes[n] for n in self.names}
+        self._state_shapes = {n: self.shapes[n] for n in self.state_names}
+        self._cache: tuple[int, Tensors, Tensors] | None = None   # last reconstructed step
+
+    def __repr__(self) -> str:
+        span = f"{self.steps[0]}..{self.steps[-1]}" if self.steps else "none"
+        return (f"<Trajectory {self.path!r}: {len(self.steps)} steps ({span}), "
+                f"{len(self.names)} params, mode {self.mode}>")
+
+    # ------------------------------------------------------------------ per-step metadata
+    def losses(self) -> dict[int, float | None]:
+        """Training loss reported with the update that produced each recorded step."""
+        return {t: e.get("loss") for t, e in self._entries.items()}
+
+    def train_losses(self) -> dict[int, float | None]:
+        """Training loss of every step, unrecorded ones included (``every > 1``)."""
+        out: dict[int, float | None] = {}
+        prev = None
+        for t in self.steps:
+            e = self._entries[t]
+            ls = e.get("interval_losses")
+            if ls is not None and prev is not None and len(ls) == t - prev:
+                out.update(zip(range(prev + 1, t + 1), ls))
+            else:
+                out[t] = e.get("loss")
+            prev = t
+        return out
+
+    def lrs(self) -> dict[int, list[float] | None]:
+        """Learning rate per parameter group at each recorded step (None if not reported)."""
+        return {t: e.get("lr") for t, e in self._entries.items()}
+
+    def next_step(self, t: int) -> int | None:
+        """The recorded step after ``t`` (which need not be recorded), or None at the end."""
+        i = bisect.bisect_right(self.steps, t)
+        return self.steps[i] if i < len(self.steps) else None
+
+    def files(self) -> list[tuple[int, str, str]]:
+        """(step, role, relative path) of every data file, in step order."""
+        return [(t, role, rel) for t in self.steps
+                for role, rel in self._entries[t]["files"].items()]
+
+    def nbytes(self) -> int:
+        """Bytes on disk: manifest.json plus every data file it lists."""
+        size = sum(self._entries[t]["bytes"][rel] for t, _, rel in self.files())
+        return size + len(self._source.read(MANIFEST))
+
+    # ------------------------------------------------------------------ reading files
+    def read_file(self, step: int, role: str) -> bytes:
+        """Bytes of a listed data file, checked against the manifest's size and sha256."""
+        entry = self._entries[step]
+        rel = entry["files"][role]
+        try:
+            data = self._source.read(rel)
+        except FileNotFoundError:
+            raise TrajectoryError(f"{rel}: file is missing; {_FIX}") from None
+        except OSError as err:
+            raise TrajectoryError(f"{rel}: cannot read ({err}); {_FIX}") from None
+        if len(data) != entry["bytes"][rel]:
+            raise TrajectoryError(f"{rel}: {len(data)} bytes, manifest says "
+                                  f"{entry['bytes'][rel]} (truncated or replaced); {_FIX}")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"][rel]:
+            raise TrajectoryError(f"{rel}: sha256 {digest[:12]}… does not match the manifest's "
+                                  f"{entry['sha256'][rel][:12]}… (corrupted); {_FIX}")
+        return data
+
+    def _load(self, step: int, role: str) -> Tensors:
+        """Decoded and shape/dtype-checked tensors of one data file."""
+        data = self.read_file(step, role)
+        rel = self._entries[step]["files"][role]
+        try:
+            tensors = safetensors.torch.load(data)
+            meta = header_metadata(data)
+        except Exception as err:  # safetensors raises its own error types
+            raise TrajectoryError(f"{rel}: not a readable safetensors file ({err}); {_FIX}")
+        if meta.get("step") not in (None, str(step)):
+            problem = f"belongs to step {meta['step']}, not {step}"
+        elif role == "delta":
+            problem = check_delta_payload(tensors, self._param_shapes, self.dtypes)
+        elif role == "keyframe":
+            problem = check_tensors(tensors, self._param_shapes, self.dtypes, complete=True)
+        else:
+            problem = check_tensors(tensors, self._state_shapes, self.state_dtypes,
+                                    complete="keyframe" in self._entries[step]["files"])
+        if problem:
+            raise TrajectoryError(f"{rel}: {problem}; {_FIX}")
+        return tensors
+
+    def _state_at(self, t: int, state: Tensors | None) -> Tensors:
+        """State at ``t``: in full at keyframes, else ``state`` overlaid with the changes."""
+        if "state" not in self._entries[t]["files"]:
+            return state if state is not None else {}
+        changed = self._load(t, "state")
+        return changed if state is None else {**state, **changed}
+
+    # ------------------------------------------------------------------ reconstruction
+    def _check_step(self, t: int) -> None:
+        if t in self._entries:
+            return
+        if not self.steps:
+            raise TrajectoryError(f"{self.path} holds no recorded step yet")
+        i = bisect.bisect_left(self.steps, t)
+        near = sorted({self.steps[j] for j in (i - 1, i) if 0 <= j < len(self.steps)})
+        raise TrajectoryError(
+            f"step {t} is not recorded in {self.path}; nearest recorded steps: "
+            f"{', '.join(map(str, near))} (recorded: {len(self.steps)} steps "
+            f"{self.steps[0]}..{self.steps[-1]}, every {self.every})")
+
+    def _advance(self, t: int, params: Tensors, state: Tensors) -> tuple[int, Tensors, Tensors]:
+        """From θ_t to the next recorded step: its keyframe if it has one, else t's delta."""
+        nxt = self.next_step(t)
+        files = self._entries[nxt]["files"]
+        if "keyframe" in files:
+            params = self._load(nxt, "keyframe")
+        elif "delta" in self._entries[t]["files"]:
+            params = apply_delta(params, self._load(t, "delta"))
+        else:
+            raise TrajectoryError(
+                f"{self.path}/{MANIFEST}: step {nxt} has no keyframe and step {t} no delta "
+                f"file, so step {nxt} cannot be rebuilt; {_FIX}")
+        return nxt, params, self._state_at(nxt, state)
+
+    def _start(self, t: int) -> tuple[int, Tensors, Tensors]:
+        """A reconstructed step ≤ t to walk from: the cached step if closer than the keyframe."""
+        k = self.keyframe_steps[bisect.bisect_right(self.keyframe_steps, t) - 1]
+        if self._cache is not None and k <= self._cache[0] <= t:
+            return self._cache
+        return k, self._load(k, "keyframe"), self._state_at(k, None)
+
+    def _walk(self, start: int, stop: int) -> Iterator[tuple[int, Tensors, Tensors]]:
+        t, params, state = self._start(start)
+        while True:
+            self._cache = (t, params, state)
+            if t >= start:
+                yield t, params, state
+            if t >= stop or self.next_step(t) is None:
+                return
+            t, params, state = self._advance(t, params, state)
+
+    def walk(self, start: int | None = None, stop: int | None = None
+             ) -> Iterator[tuple[int, Tensors, Tensors]]:
+        """Yield ``(t, params, state)`` for each recorded t in [start, stop], in order.
+
+        Walks forward once from the nearest keyframe ≤ start, so each step costs one delta
+        (O(1)). ``start``/``stop`` default to the first/last recorded step; a ``start`` that is
+        not recorded raises TrajectoryError naming the nearest recorded steps.
+        """
+        if not self.steps:
+            return
+        start = self.steps[0] if start is None else start
+        stop = self.steps[-1] if stop is None else stop
+        self._check_step(start)
+        for t, params, state in self._walk(start, stop):
+            yield t, _copy(params), _copy(state)
+
+    def params(self, t: int) -> Tensors:
+        """θ_t: name -> CPU tensor (recorded shape and dtype), bit-exact."""
+        self._check_step(t)
+        for _, params, _ in self._walk(t, t):
+            return _copy(params)
+        raise AssertionError("unreachable")
+
+    def state(self, t: int) -> Tensors:
+        """Frozen parameters and buffers at ``t`` (``{}`` if the model has none)."""
+        self._check_step(t)
+        for _, _, state in self._walk(t, t):
+            return _copy(state)
+        raise AssertionError("unreachable")
+
+    def delta(self, t: int) -> Tensors:
+        """θ_next − θ_t in float64 (next = the recorded step after t), per parameter."""
+        nxt = self.next_step(t)
+        self._check_step(t)
+        if nxt is None:
+            raise TrajectoryError(f"step {t} is the last recorded step of {self.path}: "
+                                  "there is no update after it")
+        start = self.params(t)
+        end = self.params(nxt)
+        return {n: end[n].to(torch.float64) - start[n].to(torch.float64) for n in self.names}
+
+    # ------------------------------------------------------------------ verification
+    def problems(self, first_only: bool = False) -> list[str]:
+        """Everything wrong with the store, one line each ([] when it is sound).
+
+        Reads every listed file once (size, sha256, decoding, shapes, dtypes) while walking
+        each keyframe segment, and checks that the deltas into a keyframe rebuild it bit for bit.
+        """
+        from replay.integrity import store_problems
+
+        return store_problems(self, first_only=first_only)
+
+    def verify(self) -> None:
+        """Raise TrajectoryError naming the first bad file; return None if the store is sound."""
+        found = self.problems(first_only=True)
+        if found:
+            raise TrajectoryError(found[0])
+
+
+def _copy(tensors: Tensors) -> Tensors:
+    # Callers own what they get: an in-place edit must not corrupt the next step of a walk.
+    return {k: v.clone() for k, v in tensors.items()}

@@ -1,0 +1,5 @@
+"""Built-in tasks (see :class:`replay.Task`).
+
+- ``replay.tasks.toy_nmt:ToyNMT`` — a small Transformer encoder–decoder on a synthetic
+  parallel corpus with Zipfian word frequencies (the demo task).
+"""

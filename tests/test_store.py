@@ -1,0 +1,258 @@
+"""Trajectory store (format v1): bit-exact reading, integrity checks, `lca info` / `lca verify`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+import safetensors.torch
+import torch
+from tests.helpers_record import make_model, train
+
+from replay.cli import main
+from replay.codec import apply_delta, bits, encode_delta, header_metadata, to_safetensors
+from replay.errors import TrajectoryError
+from replay.record import Recorder
+from replay.store import FORMAT_VERSION, open_trajectory
+
+
+def record(path, steps=40, model=None, **kw):
+    """Record ``steps`` updates of a tiny model; returns the reference θ_t for every t."""
+    model = model if model is not None else make_model()
+    snaps: dict = {}
+    with Recorder(model, path, **kw) as rec:
+        train(model, steps, [rec], snapshots=snaps)
+    return snaps
+
+
+def assert_same_bits(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert torch.equal(bits(a[name]), bits(b[name])), name
+
+
+def fix_count(path) -> int:
+    """Total number of corrected elements over all delta files of a store."""
+    total = 0
+    for fname in os.listdir(os.path.join(path, "deltas")):
+        with open(os.path.join(path, "deltas", fname), "rb") as f:
+            tensors = safetensors.torch.load(f.read())
+        total += sum(t.numel() for k, t in tensors.items() if k.endswith("::fix_idx"))
+    return total
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A 30-step delta-mode store with keyframes every 8 steps, and its reference θ_t."""
+    path = tmp_path_factory.mktemp("store") / "traj"
+    return str(path), record(path, steps=30, keyframe_every=8)
+
+
+def test_round_trip_is_bit_exact_across_keyframes_with_corrections(tmp_path):
+    path = tmp_path / "traj"
+    snaps = record(path, steps=300, keyframe_every=64)
+    traj = open_trajectory(path)
+    assert traj.steps == list(range(301))
+    assert traj.keyframe_steps == [0, 64, 128, 192, 256]
+    assert fix_count(path) > 0, "no correction was needed: the test does not exercise them"
+    seen = []
+    for t, params, state in traj.walk():
+        assert_same_bits(params, snaps[t])
+        assert state == {}
+        seen.append(t)
+    assert seen == traj.steps
+    for t in (0, 63, 64, 65, 200, 300):       # random access, on and off keyframes
+        assert_same_bits(traj.params(t), snaps[t])
+    d = traj.delta(100)
+    for name, v in d.items():
+        assert v.dtype == torch.float64
+        assert torch.equal(v, snaps[101][name].double() - snaps[100][name].double())
+    traj.verify()
+
+
+def test_codec_handles_nan_signed_zero_and_overflow():
+    prev = {"w": torch.tensor([1.0, 0.0, 3e38, float("nan"), 1e-30, -2.0])}
+    nxt = {"w": torch.tensor([-0.0, float("nan"), -3e38, 1.0, 1.0, float("inf")])}
+    out = apply_delta(prev, encode_delta(prev, nxt))
+    assert torch.equal(bits(out["w"]), bits(nxt["w"]))
+
+
+def test_own_safetensors_writer_is_read_by_safetensors():
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g), "f64": torch.randn(4, generator=g).double(),
+        "f16": torch.randn(2, 2, generator=g).half(), "bf16": torch.randn(7, generator=g).bfloat16(),
+        "i64": torch.arange(5), "i32": torch.arange(3, dtype=torch.int32),
+        "u8": torch.arange(3, dtype=torch.uint8), "b": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(42), "empty": torch.zeros(0, 3),
+        "strided": torch.randn(4, 6, generator=g).t(),
+    }
+    data = to_safetensors(tensors, {"step": "7"})
+    loaded = safetensors.torch.load(data)
+    assert loaded.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
+    assert header_metadata(data) == {"step": "7"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_and_double_precision_round_trip(tmp_path, dtype):
+    model = make_model(dtype=dtype, scale=1e-2)
+    snaps = record(tmp_path / "traj", steps=25, model=model, keyframe_every=10)
+    traj = open_trajectory(tmp_path / "traj")
+    assert set(traj.dtypes.values()) == {dtype}
+    for t, params, _ in traj.walk():
+        assert_same_bits(params, snaps[t])
+    traj.verify()
+
+
+def test_full_and_delta_modes_agree_bit_for_bit(tmp_path):
+    model = make_model()
+    with Recorder(model, tmp_path / "d", keyframe_every=7) as rd, \
+            Recorder(model, tmp_path / "f", mode="full") as rf:
+        train(model, 30, [rd, rf])
+    d, f = open_trajectory(tmp_path / "d"), open_trajectory(tmp_path / "f")
+    assert (d.mode, f.mode) == ("delta", "full")
+    assert f.keyframe_steps == f.steps == d.steps
+    assert not os.listdir(tmp_path / "f" / "deltas")
+    for (t1, p1, _), (t2, p2, _) in zip(d.walk(), f.walk(), strict=True):
+        assert t1 == t2
+        assert_same_bits(p1, p2)
+    for t in (0, 13, 29):
+        assert_same_bits(d.delta(t), f.delta(t))
+    assert d.losses() == f.losses()
+    f.verify()
+
+
+def test_walk_range_and_unrecorded_step(store):
+    path, snaps = store
+    traj = open_trajectory(path)
+    got = [t for t, _, _ in traj.walk(start=10, stop=17)]
+    assert got == list(range(10, 18))
+    assert traj.next_step(29) == 30 and traj.next_step(30) is None
+    with pytest.raises(TrajectoryError, match=r"step 31 is not recorded .*nearest recorded "
+                                              r"steps: 30 \(recorded: 31 steps 0\.\.30"):
+        traj.params(31)
+    with pytest.raises(TrajectoryError, match="step 30 is the last recorded step"):
+        traj.delta(30)
+
+
+def test_returned_tensors_are_owned_by_the_caller(store):
+    path, snaps = store
+    traj = open_trajectory(path)
+    for t, params, _ in traj.walk(0, 3):
+        for v in params.values():
+            v.fill_(7.0)           # must not leak into the next step of the walk
+    assert_same_bits(traj.params(4), snaps[4])
+
+
+def test_fsspec_url_reads_the_same(store):
+    fsspec = pytest.importorskip("fsspec")
+    path, snaps = store
+    fs = fsspec.filesystem("memory")
+    for root, _, names in os.walk(path):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), path)
+            with open(os.path.join(root, name), "rb") as f:
+                fs.pipe_file(f"/traj-copy/{rel}", f.read())
+    traj = open_trajectory("memory://traj-copy")
+    assert_same_bits(traj.params(17), snaps[17])
+    assert traj.manifest_sha256 == open_trajectory(path).manifest_sha256
+    traj.verify()
+
+
+def test_verify_and_info_cli_on_a_sound_store(store, capsys):
+    path, _ = store
+    assert main(["verify", path]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"OK {path}: 31 steps") and "3 of 4 keyframes rebuilt" in out
+    assert main(["info", path]) == 0
+    out = capsys.readouterr().out
+    assert "31 recorded, 0..30, every 1" in out and "bytes/param/step" in out
+    assert main(["info", "--json", path]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["elements"] == 8 * 16 + 16 + 16 * 4 + 4
+    assert info["bytes_per_param_step"] == pytest.approx(
+        open_trajectory(path).nbytes() / (info["elements"] * 31))
+
+
+def copy_store(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_verify_names_a_truncated_file(store, tmp_path, capsys):
+    path = copy_store(store[0], tmp_path / "t")
+    target = os.path.join(path, "deltas", "step-00000012.safetensors")
+    with open(target, "r+b") as f:
+        f.truncate(100)
+    assert main(["verify", path]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lca verify: error: deltas/step-00000012.safetensors: 100 bytes, "
+                          "manifest says")
+    assert "re-record or restore the file" in err
+    with pytest.raises(TrajectoryError, match=r"deltas/step-00000012\.safetensors: 100 bytes"):
+        open_trajectory(path).params(13)
+    open_trajectory(path).params(12)        # steps before the bad delta still read
+
+
+def test_verify_names_an_altered_file_and_lists_all_problems(store, tmp_path, capsys):
+    path = copy_store(store[0], tmp_path / "a")
+    for rel in ("keyframes/step-00000016.safetensors", "deltas/step-00000003.safetensors"):
+        target = os.path.join(path, rel)
+        data = bytearray(open(target, "rb").read())
+        data[-1] ^= 0x01                     # same size, one bit changed
+        open(target, "wb").write(bytes(data))
+    assert main(["verify", path]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("lca verify: error: deltas/step-00000003.safetensors: sha256 ")
+    assert "(corrupted)" in err and "1 more problem(s) listed above" in err
+    assert "also: keyframes/step-00000016.safetensors: sha256" in out
+
+
+def test_verify_catches_a_delta_that_does_not_rebuild_the_keyframe(store, tmp_path, capsys):
+    # A consistent-looking file (sha256 updated) with wrong content: only the rebuild finds it.
+    path = copy_store(store[0], tmp_path / "c")
+    rel = "deltas/step-00000010.safetensors"
+    tensors = safetensors.torch.load(open(os.path.join(path, rel), "rb").read())
+    tensors["0.weight"][0, 0] += 1e-3
+    data = safetensors.torch.save(tensors, metadata={"step": "10"})
+    open(os.path.join(path, rel), "wb").write(data)
+    manifest = json.load(open(os.path.join(path, "manifest.json")))
+    entry = manifest["steps"][10]
+    entry["sha256"][rel], entry["bytes"][rel] = hashlib.sha256(data).hexdigest(), len(data)
+    json.dump(manifest, open(os.path.join(path, "manifest.json"), "w"))
+    assert main(["verify", path]) == 1
+    assert ("keyframes/step-00000016.safetensors: walking the deltas from keyframe 8 does not "
+            "rebuild step 16 bit for bit ('0.weight': 1 element(s) differ)"
+            ) in capsys.readouterr().err
+
+
+def test_missing_file_and_bad_manifests_are_one_line_errors(store, tmp_path):
+    path = copy_store(store[0], tmp_path / "m")
+    os.remove(os.path.join(path, "keyframes", "step-00000024.safetensors"))
+    with pytest.raises(TrajectoryError, match=r"^keyframes/step-00000024\.safetensors: file is "
+                                              r"missing; re-record or restore the file"):
+        open_trajectory(path).params(25)
+    mpath = os.path.join(path, "manifest.json")
+    manifest = json.load(open(mpath))
+    manifest["format_version"] = FORMAT_VERSION + 1
+    json.dump(manifest, open(mpath, "w"))
+    with pytest.raises(TrajectoryError, match=r"manifest\.json: format_version 2 is not "
+                                              r"supported by lca-replay .* reads format 1"):
+        open_trajectory(path)
+    open(mpath, "w").write('{"format_version": 1, "params": [')
+    with pytest.raises(TrajectoryError, match=r"manifest\.json is not valid JSON \(.*line 1"):
+        open_trajectory(path)
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["steps"][3]["files"]["delta"] = "../../etc/passwd"
+    json.dump(manifest, open(mpath, "w"))
+    with pytest.raises(TrajectoryError, match=r"step 3: bad delta entry '\.\./\.\./etc/passwd'"):
+        open_trajectory(path)
+    with pytest.raises(TrajectoryError, match=r"no trajectory at .*nowhere: manifest\.json "
+                                              r"not found"):
+        open_trajectory(tmp_path / "nowhere")
