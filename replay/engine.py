@@ -114,7 +114,7 @@ def prepare(trajectory, task=None, datasets: Sequence[str] | None = None, gradie
     counts = None
     if callable(getattr(task_inst, "token_counts", None)):
         counts = {k: np.asarray(v) for k, v in task_inst.token_counts().items()}
-    groupings = resolve_groupings(groups, traj.names, traj.shapes, counts)
+    groupings = resolve_groupings(groups, traj.names, traj.shapes, counts, aliases=traj.aliases)
     batch = int(batch_size or getattr(task_inst, "eval_batch_size", DEFAULT_BATCH))
 
     starts, ends = _intervals(traj)
