@@ -25,7 +25,7 @@ from replay import cube
 from replay.errors import ConfigError, ReplayError, TaskError
 from replay.gradients import Sampled, describe_gradient, parse_gradient
 from replay.quadrature import check_quadrature
-from replay.scheduler import executor
+from replay.scheduler import JOBQUEUE, executor
 from replay.worker import DTYPES, Spec, compute_piece
 
 DEFAULT_BATCH = 256
@@ -279,6 +279,11 @@ def _execute(spec, pieces, writer, scheduler, threads, device, cluster_options, 
         writer.drop_stale_parts(spec.datasets, i0, i1)
     total = sum(i1 - i0 for i0, i1 in pieces)
     bar = None
+    if scheduler in JOBQUEUE and "://" not in spec.cube:
+        # Batch jobs write their logs beside the cube, not into the user's working directory.
+        extra = dict((cluster_options or {}).get("extra") or {})
+        extra.setdefault("log_directory", f"{spec.cube}.jobs")
+        cluster_options = {**(cluster_options or {}), "extra": extra}
     with executor(scheduler, threads=threads, device=device,
                   cluster_options=cluster_options) as (run_, where):
         stats["where"] = where
@@ -307,12 +312,13 @@ def _summary(out, stats, selected, seconds, complete):
     done = np.asarray(ds["done"].values, dtype=bool)
     res = np.abs(ds["residual"].values[done & selected]) if done.any() else np.array([])
     res = res[np.isfinite(res)]
-    lines = [
-        f"replayed {stats['steps']} step(s) on {stats['where']} in {seconds:.1f} s "
-        f"({stats['evaluations']} gradient evaluations, {stats['forwards']} loss-only)",
-        f"cube {out}: {int(done.sum())}/{done.size} steps done"
-        + ("" if complete else " (run again to fill the rest)"),
-    ]
+    if stats["steps"]:
+        lines = [f"replayed {stats['steps']} step(s) on {stats['where']} in {seconds:.1f} s "
+                 f"({stats['evaluations']} gradient evaluations, {stats['forwards']} loss-only)"]
+    else:
+        lines = [f"nothing to replay: the {int(selected.sum())} selected step(s) are already done"]
+    lines.append(f"cube {out}: {int(done.sum())}/{done.size} steps done"
+                 + ("" if complete else " (run again to fill the rest)"))
     if res.size:
         lines.append(f"|residual| mean {res.mean():.3g}, max {res.max():.3g} (loss units)")
     print("\n".join(lines), file=sys.stderr)
