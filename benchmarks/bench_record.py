@@ -10,11 +10,15 @@ parameter per recorded step of the stores. Usage::
 
     python benchmarks/bench_record.py [--steps 20] [--repeats 4] [--d-model 48] [--ffn-dim 96]
                                       [--mode delta|full] [--threads T]
+
+On a 2-core machine shared with other jobs the ratio mostly measures CPU contention between the
+training and writer threads; the time inside ``rec.step()`` shows whether the queue was full.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -26,8 +30,8 @@ from replay.store import open_trajectory
 from replay.tasks.toy_nmt import ToyNMT
 
 
-def timed_steps(task, model, opt, batches, steps: int, rec=None) -> list[float]:
-    """Seconds per training step, for ``steps`` steps."""
+def timed_steps(task, model, opt, batches, steps: int, rec=None, in_rec=None) -> list[float]:
+    """Seconds per training step, for ``steps`` steps; ``in_rec`` gets the time in rec.step."""
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -37,7 +41,9 @@ def timed_steps(task, model, opt, batches, steps: int, rec=None) -> list[float]:
         loss.backward()
         opt.step()
         if rec is not None:
+            t0 = time.perf_counter()
             rec.step(loss=loss.detach())
+            in_rec.append(time.perf_counter() - t0)
         times.append(time.perf_counter() - start)
     return times
 
@@ -51,11 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--mode", choices=("delta", "full"), default="delta")
     parser.add_argument("--keyframe-every", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: "
-                                                                  "torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: CPU count - 1, a core for the writer)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # Oversubscribed OpenMP threads (torch's default: all cores) fight the writer thread and
+    # make step times swing by 10x on a small shared machine.
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
 
     task = ToyNMT(d_model=args.d_model, ffn_dim=args.ffn_dim)
     model = task.build_model()
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
           f"batch {args.batch_size}, {torch.get_num_threads()} torch threads, mode {args.mode}")
     timed_steps(task, model, opt, batches, 5)          # warm-up: allocator, optimizer state
 
-    plain, recorded, flush, starts, per_param = [], [], [], [], []
+    plain, recorded, in_rec, flush, starts, per_param = [], [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-record-") as tmp:
         for r in range(args.repeats):
             plain += timed_steps(task, model, opt, batches, args.steps)
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             rec = Recorder(model, path, keyframe_every=args.keyframe_every,
                            mode=args.mode).start()
             starts.append(time.perf_counter() - t0)
-            recorded += timed_steps(task, model, opt, batches, args.steps, rec)
+            recorded += timed_steps(task, model, opt, batches, args.steps, rec, in_rec)
             t0 = time.perf_counter()
             rec.close()
             flush.append(time.perf_counter() - t0)
@@ -88,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"median step time without Recorder: {a * 1e3:8.2f} ms  ({len(plain)} steps)")
     print(f"median step time with Recorder:    {b * 1e3:8.2f} ms  ({len(recorded)} steps)")
     print(f"overhead ratio (with / without):   {b / a:8.3f}")
+    print(f"time inside rec.step() (snapshot + enqueue; blocks when the queue is full): median "
+          f"{statistics.median(in_rec) * 1e3:.2f} ms, max {max(in_rec) * 1e3:.2f} ms")
     print(f"mean step time without / with:     {statistics.mean(plain) * 1e3:.2f} / "
           f"{statistics.mean(recorded) * 1e3:.2f} ms")
     print(f"start (θ_0) / close (flush) time:  {statistics.median(starts) * 1e3:.1f} / "

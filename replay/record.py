@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 
-from replay.codec import (
-    DTYPE_NAMES, PARAM_DTYPES, STATE_DTYPES, encode_delta, same_bits, to_safetensors,
-)
+from replay.codec import to_safetensors
 from replay.errors import RecorderError
+from replay.snapshot import Flats, FlatLayout, manifest_spec, model_tensors, resolve
 from replay.manifest import (
     FORMAT_VERSION, MANIFEST, ManifestWriter, file_name, is_remote, local_path, write_atomic,
 )
@@ -41,8 +40,8 @@ class _Snapshot:
     """What the training thread hands to the writer for one recorded step (CPU tensors)."""
 
     step: int
-    params: Tensors
-    state: Tensors
+    params: Flats                   # dtype -> 1-D CPU buffer, see FlatLayout
+    state: Flats
     loss: Any                       # float, 0-d CPU tensor or None
     lr: list[float] | None
     time: float
@@ -80,18 +79,20 @@ class Recorder:
         self.model, self.path = model, local_path(path)
         self.every, self.keyframe_every, self.mode = every, keyframe_every, mode
         self._check_destination()
-        self._params, self._state, aliases = _collect(model)
+        self._params, self._state, aliases = model_tensors(model)
         if not self._params:
             raise RecorderError("the model has no trainable parameter (requires_grad=True) to "
                                 "record; unfreeze at least one")
+        self._param_layout = FlatLayout([(n, *spec) for n, _, spec in self._params])
+        self._state_layout = FlatLayout([(n, *spec) for n, _, spec, _ in self._state])
         self._header = {
             "format_version": FORMAT_VERSION, "lca_replay_version": _version(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "mode": mode, "keyframe_every": keyframe_every, "every": every,
             "task": task, "task_args": task_args,
-            "params": [_spec(n, t) for n, _, t in self._params],
+            "params": [manifest_spec(n, t) for n, _, t in self._params],
             "aliases": aliases,
-            "state": [{**_spec(n, t), "kind": kind} for n, _, t, kind in self._state],
+            "state": [{**manifest_spec(n, t), "kind": kind} for n, _, t, kind in self._state],
         }
         self._queue: queue.Queue = queue.Queue(queue_size)
         self._writer: _Writer | None = None
@@ -124,7 +125,8 @@ class Recorder:
             os.makedirs(os.path.join(self.path, sub), exist_ok=True)
         writer = ManifestWriter(self._header)
         write_atomic(self.path, MANIFEST, writer.text().encode(), sync_dir=False)
-        self._writer = _Writer(self.path, writer, self.mode, self.keyframe_every, self._queue)
+        self._writer = _Writer(self.path, writer, self.mode, self.keyframe_every, self._queue,
+                               self._param_layout, self._state_layout)
         self._writer.start()
         # Flush queued steps if the program ends without close(); weakref: no leak.
         self._atexit = functools.partial(_close_at_exit, weakref.ref(self))
@@ -211,8 +213,10 @@ class Recorder:
 
     def _submit(self, loss: Any, lr: list[float] | None, interval: list | None) -> None:
         """Snapshot θ_step and state (the copy off the device happens here) and enqueue it."""
-        params = {n: _copy(n, slot, spec, self._step) for n, slot, spec in self._params}
-        state = {n: _copy(n, slot, spec, self._step) for n, slot, spec, _ in self._state}
+        params = self._param_layout.gather(
+            {n: resolve(n, slot, spec, self._step) for n, slot, spec in self._params})
+        state = self._state_layout.gather(
+            {n: resolve(n, slot, spec, self._step) for n, slot, spec, _ in self._state})
         snap = _Snapshot(self._step, params, state, loss, lr, time.time(), interval)
         self._put(snap)
         self._last_recorded = self._step
@@ -226,7 +230,8 @@ class Recorder:
             except queue.Full:
                 if not self._writer.is_alive():
                     self._raise_writer_error()
-                    raise RecorderError(f"the background writer of {self.path} stopped")
+                    raise RecorderError(
+                        f"the background writer of {self.path} stopped") from None
 
     def _finish(self, record_final: bool, raise_error: bool) -> None:
         if self._writer is None or self._closed:
@@ -253,10 +258,11 @@ class _Writer(threading.Thread):
     """Consumes snapshots: writes keyframe/delta/state files, then the manifest (atomically)."""
 
     def __init__(self, root: str, manifest: ManifestWriter, mode: str, keyframe_every: int,
-                 q: queue.Queue):
+                 q: queue.Queue, params: FlatLayout, state: FlatLayout):
         super().__init__(name="lca-recorder-writer", daemon=True)
         self.root, self.manifest, self.mode, self.keyframe_every, self.q = (
             root, manifest, mode, keyframe_every, q)
+        self.params, self.state = params, state
         self.error: BaseException | None = None
         self.failed_step: int | None = None
         self.last_complete: int | None = None
@@ -289,15 +295,15 @@ class _Writer(threading.Thread):
         if prev is not None and self.mode == "delta":
             # Also written when t gets a keyframe: `lca verify` then checks that the deltas
             # rebuild each keyframe bit for bit (costs 1/keyframe_every of the store).
-            self._write("delta", prev.step, encode_delta(prev.params, snap.params),
+            self._write("delta", prev.step, self.params.encode_delta(prev.params, snap.params),
                         self.manifest.entries[-1], next=t)
             self.manifest.refresh_last()
         entry = {"step": t, "files": {}, "sha256": {}, "bytes": {}}
         if keyframe:
-            self._write("keyframe", t, snap.params, entry)
-            state = snap.state
+            self._write("keyframe", t, self.params.split(snap.params), entry)
+            state = self.state.split(snap.state)
         else:   # only the state tensors whose bytes changed since the previous recorded step
-            state = {n: v for n, v in snap.state.items() if not same_bits(v, prev.state[n])}
+            state = self.state.split(snap.state, self.state.changed(prev.state, snap.state))
         if state:
             self._write("state", t, state, entry, full=int(keyframe))
         entry["loss"] = _finite(snap.loss)
@@ -315,64 +321,6 @@ class _Writer(threading.Thread):
 
 
 # ---------------------------------------------------------------------- helpers
-
-def _collect(model: torch.nn.Module):
-    """(recorded params, state tensors, aliases): each tensor as (name, (module, attr), spec)."""
-    seen: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    params, state = [], []
-
-    def slot(name):
-        mod_name, _, attr = name.rpartition(".")
-        return (model.get_submodule(mod_name) if mod_name else model), attr
-
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            aliases[name] = seen[id(p)]
-            continue
-        seen[id(p)] = name
-        if p.dtype not in DTYPE_NAMES or DTYPE_NAMES[p.dtype] not in PARAM_DTYPES:
-            raise RecorderError(f"parameter {name!r} has dtype {p.dtype}; the trajectory "
-                                f"format records {', '.join(PARAM_DTYPES)}")
-        spec = (tuple(p.shape), p.dtype)
-        if p.requires_grad:
-            params.append((name, slot(name), spec))
-        else:
-            state.append((name, slot(name), spec, "frozen"))
-    for name, b in model.named_buffers(remove_duplicate=False):
-        module, attr = slot(name)
-        if attr in module._non_persistent_buffers_set:
-            continue     # derived caches, not part of the state_dict
-        if id(b) in seen:
-            aliases[name] = seen[id(b)]
-            continue
-        seen[id(b)] = name
-        if b.dtype not in DTYPE_NAMES:
-            raise RecorderError(f"buffer {name!r} has dtype {b.dtype}, which the trajectory "
-                                f"format cannot store ({', '.join(STATE_DTYPES)})")
-        state.append((name, (module, attr), (tuple(b.shape), b.dtype), "buffer"))
-    return params, state, aliases
-
-
-def _spec(name: str, spec: tuple) -> dict:
-    return {"name": name, "shape": list(spec[0]), "dtype": DTYPE_NAMES[spec[1]]}
-
-
-def _copy(name: str, slot: tuple, spec: tuple, step: int) -> torch.Tensor:
-    """A CPU copy of the tensor now in ``slot``; shape and dtype must not have changed."""
-    module, attr = slot
-    tensor = getattr(module, attr, None)
-    if tensor is None:
-        raise RecorderError(f"tensor {name!r} disappeared from the model at step {step}; "
-                            "a trajectory records a fixed set of tensors")
-    if tuple(tensor.shape) != spec[0] or tensor.dtype != spec[1]:
-        raise RecorderError(
-            f"tensor {name!r} changed from {DTYPE_NAMES.get(spec[1], spec[1])} {spec[0]} to "
-            f"{DTYPE_NAMES.get(tensor.dtype, tensor.dtype)} {tuple(tensor.shape)} at step "
-            f"{step}; a trajectory needs fixed shapes and dtypes: record the changed model "
-            "into a new path")
-    return tensor.detach().to("cpu", copy=True).contiguous()
-
 
 def _loss_value(loss: Any) -> Any:
     if loss is None:

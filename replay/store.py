@@ -134,7 +134,8 @@ class Trajectory:
             tensors = safetensors.torch.load(data)
             meta = header_metadata(data)
         except Exception as err:  # safetensors raises its own error types
-            raise TrajectoryError(f"{rel}: not a readable safetensors file ({err}); {_FIX}")
+            raise TrajectoryError(
+                f"{rel}: not a readable safetensors file ({err}); {_FIX}") from None
         if meta.get("step") not in (None, str(step)):
             problem = f"belongs to step {meta['step']}, not {step}"
         elif role == "delta":
