@@ -31,3 +31,7 @@ class CubeError(LCAError, ValueError):
 
 class ReplayError(LCAError, RuntimeError):
     """A replay cannot be carried out (non-finite values, empty data, bad step range)."""
+
+
+class CubeBusyError(CubeError):
+    """Steps of a cube are being replayed by another process right now (see replay/lock.py)."""

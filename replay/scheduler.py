@@ -101,8 +101,12 @@ def executor(scheduler, *, threads: int = 1, device: str = "cpu",
         def run_dask(fn, spec, pieces) -> Iterator[dict]:
             from distributed import as_completed
 
+            try:  # task slots now; a batch-system cluster may still be starting (0)
+                slots = sum(client.nthreads().values())
+            except Exception:  # an unreachable scheduler fails just below, with its own error
+                slots = 0
             futures = [client.submit(_with_threads, fn, spec, i0, i1, threads, pure=False)
-                       for i0, i1 in pieces]
+                       for i0, i1 in lane_order(pieces, slots)]
             try:
                 for future in as_completed(futures):
                     yield future.result()
@@ -115,6 +119,21 @@ def executor(scheduler, *, threads: int = 1, device: str = "cpu",
         for thing in owned:
             with contextlib.suppress(Exception):
                 thing.close()
+
+
+def lane_order(pieces: list[tuple[int, int]], workers: int) -> list[tuple[int, int]]:
+    """Pieces in submission order: one contiguous lane per task slot, taken round-robin.
+
+    Dask hands out tasks roughly in submission order, so with W slots each one tends to
+    get the next piece of its own lane: the piece starting where its previous piece ended,
+    whose first gradient it already holds (see ``worker._Carry``). Only the order changes;
+    results do not depend on it.
+    """
+    if workers < 2 or len(pieces) <= workers:
+        return list(pieces)
+    bounds = [round(k * len(pieces) / workers) for k in range(workers + 1)]
+    lanes = [pieces[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [lane[i] for i in range(max(map(len, lanes))) for lane in lanes if i < len(lane)]
 
 
 def _with_threads(fn, spec, i0, i1, threads):

@@ -67,6 +67,25 @@ class _Runtime:
         self.flat = FlatModel(task.build_model(), self.traj.names, self.traj.shapes,
                               DTYPES[spec.precision], torch.device(spec.device), where=where)
         self.oracle = LossOracle(task, self.flat, spec.datasets, spec.gradient, spec.batch_size)
+        # The last piece's end point (exact mode): when this worker next runs the piece that
+        # starts there, its first gradient evaluation is reused instead of recomputed.
+        self.carry: _Carry | None = None
+
+
+@dataclass
+class _Carry:
+    """An end point θ_{t1} with its gradients, and what they were computed with."""
+
+    theta: torch.Tensor  # (D,) θ_{t1}
+    state: dict  # the frozen parameters and buffers loaded when it was evaluated
+    threads: int
+    point: Point
+
+    def matches(self, theta: torch.Tensor, state: dict, threads: int) -> bool:
+        # Same θ, state and thread count give bit-identical gradients (CPU kernels are
+        # deterministic for a fixed thread count), so reuse cannot change any result.
+        return (threads == self.threads and _same_state(state, self.state)
+                and torch.equal(theta, self.theta))
 
 
 _CACHE: dict[tuple[int, str], _Runtime] = {}
@@ -109,6 +128,9 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
         if spec.nonfinite != "skip":
             raise ReplayError(str(err)) from None
         theta0 = flat.flatten(params)
+    carry, rt.carry = rt.carry, None
+    if exact and carry is not None and carry.matches(theta0, state0, spec.threads):
+        prev = carry.point
     for j in range(n):
         t, t1 = int(spec.steps[i0 + j]), int(spec.step_ends[i0 + j])
         t_next, params, state = next(walk, (None, None, None))
@@ -138,6 +160,8 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
             out["splits"][j] = res.splits
             same_state = _same_state(state0, state)
             prev = res.end if (exact and same_state and res.end.grads is not None) else None
+            if last and exact and res.end.grads is not None:
+                rt.carry = _Carry(theta1, state0, spec.threads, res.end)
         except _NonFinite as err:
             if spec.nonfinite != "skip":
                 raise ReplayError(str(err)) from None
