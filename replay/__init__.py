@@ -6,8 +6,10 @@ Public API (imported lazily so that `lca --help` does not pay for torch):
 - :func:`open_trajectory` — read a trajectory store.
 - :func:`run` — replay a trajectory into an LCA cube (xarray Dataset, zarr on disk).
 - :class:`Sampled` — the sampled (mini-batch) gradient mode.
+- :func:`prepare` — validate a replay and create (or check) its cube without computing.
 - :func:`load_param_lca` — per-parameter cumulative LCA saved with a cube.
 - :class:`Task`, :func:`load_task` — how a replay rebuilds the model, data and loss.
+- :func:`resolve_groupings`, :class:`Grouping` — parameter groupings (presets and YAML rules).
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ _API = {
     "Task": "replay.task",
     "load_task": "replay.task",
     "run": "replay.engine",
+    "prepare": "replay.engine",
+    "resolve_groupings": "replay.groups",
+    "Grouping": "replay.groups",
+    "LCAError": "replay.errors",
+    "CubeError": "replay.errors",
+    "ConfigError": "replay.errors",
+    "TaskError": "replay.errors",
+    "GroupingError": "replay.errors",
     "Sampled": "replay.gradients",
     "load_param_lca": "replay.cube",
 }

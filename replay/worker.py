@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from replay import cube
+from replay.devices import task_device
 from replay.errors import ReplayError
 from replay.flat import FlatModel
 from replay.gradients import LossOracle, Sampled
@@ -65,7 +66,7 @@ class _Runtime:
                                                                           spec.task_args)
         where = f"task {spec.task_ref!r}" if spec.task_ref else "the task"
         self.flat = FlatModel(task.build_model(), self.traj.names, self.traj.shapes,
-                              DTYPES[spec.precision], torch.device(spec.device), where=where)
+                              DTYPES[spec.precision], task_device(spec.device), where=where)
         self.oracle = LossOracle(task, self.flat, spec.datasets, spec.gradient, spec.batch_size)
         # The last piece's end point (exact mode): when this worker next runs the piece that
         # starts there, its first gradient evaluation is reused instead of recomputed.

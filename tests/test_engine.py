@@ -202,3 +202,10 @@ def test_sparse_recording_replays_chords(tmp_path):
     assert cube.step.values.tolist() == [0, 3, 6, 9]
     assert cube.step_end.values.tolist() == [3, 6, 9, 12]
     assert (abs(cube.residual) <= 1e-6).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(store, tmp_path):
+    with pytest.raises(ReplayError, match="device 'cuda' requested but torch on host .* sees no CUDA GPU"):
+        replay.run(store, task=TASK, out=str(tmp_path / "c"), device="cuda", scheduler="sync",
+                   progress=False)
