@@ -9,7 +9,11 @@ done they are added in step order into ``param_lca/<dataset>``.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import uuid
 import warnings
 from dataclasses import dataclass
 
@@ -24,6 +28,9 @@ from replay.errors import CubeError
 
 FLOAT_VARS = ("loss", "loss_next", "residual")
 PARTS, PARAMS = "param_lca_parts", "param_lca"
+# Settings that do not change any number in the cube, so a cube may be resumed with another
+# value: ``nonfinite`` only decides whether a non-finite step stops the run or is marked.
+FREE_SETTINGS = ("nonfinite",)
 
 
 @dataclass(frozen=True)
@@ -76,11 +83,50 @@ def _template(layout: Layout, attrs: dict) -> xr.Dataset:
     ds = xr.Dataset(data, coords=coords, attrs=attrs)
     ds["lca"].attrs.update(units="loss", long_name="loss change allocated to the group")
     ds["helped"].attrs.update(long_name="elements with LCA < 0")
+    ds["splits"].attrs.update(long_name="quadrature sub-intervals; 0 = step skipped for "
+                              "non-finite values (nonfinite='skip'): its lca and losses are NaN")
     return ds
 
 
-def create(path: str, layout: Layout, attrs: dict) -> None:
-    """Write an empty cube; refuses to touch an existing store."""
+def create(path: str, layout: Layout, attrs: dict) -> bool:
+    """Write an empty cube; never touches an existing store.
+
+    A local cube is built in a hidden directory beside ``path`` and renamed into place (atomic),
+    so no reader sees half a cube, a failed write (disk full) leaves nothing behind, and of two
+    replays racing to create it one wins: the other gets False and resumes the winner's cube.
+    """
+    if "://" in path:
+        _write_empty(path, layout, attrs)
+        return True
+    _refuse_foreign(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.creating")
+    os.mkdir(tmp)
+    try:
+        _write_empty(tmp, layout, attrs)
+        try:
+            os.rename(tmp, path)   # replaces nothing but a missing path or an empty directory
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise
+            if exists(path):
+                return False
+            _refuse_foreign(path)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def _refuse_foreign(path: str) -> None:
+    if os.path.lexists(path) and not exists(path) and not (
+            os.path.isdir(path) and not os.listdir(path)):
+        raise CubeError(f"{path} exists and is not an LCA cube; choose another --cube "
+                        "(or remove it if it is yours)")
+
+
+def _write_empty(path: str, layout: Layout, attrs: dict) -> None:
     ds = _template(layout, attrs)
     c = layout.chunk
     encoding = {v: {"chunks": (c,) + ds[v].shape[1:]} for v in ds.data_vars}
@@ -100,9 +146,10 @@ def create(path: str, layout: Layout, attrs: dict) -> None:
 
 
 def exists(path: str) -> bool:
+    """True if a zarr group can be opened at ``path`` (a damaged one counts as absent)."""
     try:
         zarr.open_group(path, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+    except Exception:  # missing, or metadata that zarr cannot parse: not a cube either way
         return False
     return True
 
@@ -110,7 +157,7 @@ def exists(path: str) -> bool:
 def read_attrs(path: str) -> dict:
     try:
         return dict(zarr.open_group(path, mode="r").attrs)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
+    except Exception as err:  # a cube is data: whatever is wrong with it, say so in one line
         raise CubeError(f"{path} is not an LCA cube ({err}); run `lca replay` to make one") from None
 
 
@@ -119,8 +166,19 @@ def check_compatible(path: str, layout: Layout, settings: dict) -> None:
     attrs = read_attrs(path)
     if "settings" not in attrs:
         raise CubeError(f"{path} is not an LCA cube (no 'settings' attribute); choose another --cube")
-    theirs = json.loads(attrs["settings"])
-    diff = [k for k in sorted(set(theirs) | set(settings)) if theirs.get(k) != settings.get(k)]
+    try:
+        theirs = json.loads(attrs["settings"])
+        root = zarr.open_group(path, mode="r", use_consolidated=False)
+        steps = np.asarray(root["step"][:])
+        labels = tuple(str(x) for x in root["group"][:])
+        chunk = root["done"].chunks[0]
+        if not isinstance(theirs, dict):
+            raise ValueError("settings is not a JSON object")
+    except (KeyError, ValueError, TypeError, OSError) as err:
+        raise CubeError(f"{path} is not a readable LCA cube ({type(err).__name__}: {err}); "
+                        "choose another --cube, or delete it and replay again") from None
+    keys = sorted((set(theirs) | set(settings)) - set(FREE_SETTINGS))
+    diff = [k for k in keys if theirs.get(k) != settings.get(k)]
     if diff:
         k = diff[0]
         raise CubeError(
@@ -128,21 +186,21 @@ def check_compatible(path: str, layout: Layout, settings: dict) -> None:
             f"cube has {theirs.get(k)!r}, this run {settings.get(k)!r}); "
             "use another --cube or the cube's settings"
         )
-    root = zarr.open_group(path, mode="r")
-    steps = np.asarray(root["step"][:])
-    labels = tuple(str(x) for x in root["group"][:])
     if not np.array_equal(steps, layout.steps) or labels != layout.labels:
         raise CubeError(
             f"cube {path} covers other steps or groups than this run; use another --cube"
         )
-    chunk = root["done"].chunks[0]
     if chunk != layout.chunk:
         raise CubeError(f"cube {path} is chunked by {chunk} steps, this run asked for "
                         f"{layout.chunk}; drop chunk_size or pass {chunk}")
 
 
 def cube_chunk(path: str) -> int:
-    return int(zarr.open_group(path, mode="r")["done"].chunks[0])
+    try:
+        return int(zarr.open_group(path, mode="r")["done"].chunks[0])
+    except Exception as err:
+        raise CubeError(f"{path} is not a readable LCA cube ({type(err).__name__}: {err}); "
+                        "choose another --cube, or delete it and replay again") from None
 
 
 class CubeWriter:
@@ -173,15 +231,23 @@ class CubeWriter:
                     del group[key]
 
     def finalize_params(self, datasets, names, shapes) -> bool:
-        """Add the partials in step order into ``param_lca/<dataset>``; False if incomplete."""
+        """Add the partials in step order into ``param_lca/<dataset>``; False if incomplete.
+
+        Crash-safe: an array is marked ``complete`` only after its data, and the partials are
+        deleted only after every dataset's array is complete, so an interrupted finalisation
+        (killed, disk full) is simply redone by the next run. Callers serialise it
+        (``CubeLock.exclusive``) when several replays may finish at once.
+        """
         n = self.root["done"].shape[0]
         if not self.done_mask().all():
             return False
-        if PARAMS in self.root and all(d in self.root[PARAMS] for d in datasets):
+        if all(_complete(self.root, d) for d in datasets) and not _leftover_parts(self.root):
             return True
         ctx = _quiet()
         try:
             for name in datasets:
+                if _complete(self.root, name):
+                    continue
                 group = self.root[f"{PARTS}/{name}"]
                 keys = sorted(group.array_keys(), key=_part_range)
                 edges = [_part_range(k) for k in keys]
@@ -196,15 +262,28 @@ class CubeWriter:
                     total += group[key][:]
                 arr = self.root.require_group(PARAMS).create_array(
                     name, shape=total.shape, dtype="f8", chunks=(min(total.size, 1 << 22),),
-                    overwrite=True)
+                    overwrite=True, attributes={"complete": False})
                 arr[:] = total
-                arr.attrs.update(names=list(names), shapes=[list(shapes[k]) for k in names])
+                arr.attrs.update(names=list(names), shapes=[list(shapes[k]) for k in names],
+                                 complete=True)
+            parts = self.root[PARTS] if PARTS in self.root else None
             for name in datasets:
-                del self.root[f"{PARTS}/{name}"]
+                if parts is not None and name in parts:
+                    del self.root[f"{PARTS}/{name}"]
             zarr.consolidate_metadata(self.path)
         finally:
             ctx.__exit__(None, None, None)
         return True
+
+
+def _leftover_parts(root) -> list[str]:
+    return sorted(root[PARTS].group_keys()) if PARTS in root else []
+
+
+def _complete(root, dataset: str) -> bool:
+    # Cubes written before the "complete" flag have no such attribute: complete once written.
+    return PARAMS in root and dataset in root[PARAMS] and \
+        root[f"{PARAMS}/{dataset}"].attrs.get("complete", True) is True
 
 
 def write_param_part(path: str, dataset: str, i0: int, i1: int, values: np.ndarray) -> None:
@@ -229,15 +308,19 @@ def load_param_lca(cube_path: str) -> dict[str, dict[str, torch.Tensor]]:
         root = zarr.open_group(cube_path, mode="r", use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
         raise CubeError(f"{cube_path} is not an LCA cube; run `lca replay` to make one") from None
-    if PARAMS not in root:
+    if PARAMS not in root or _leftover_parts(root):
         missing = int((~np.asarray(root["done"][:], dtype=bool)).sum()) if "done" in root else -1
+        why = f"{missing} steps missing" if missing else "all steps done, not yet added up"
         raise CubeError(
-            f"per-parameter LCA of {cube_path} is not complete ({missing} steps missing); "
+            f"per-parameter LCA of {cube_path} is not complete ({why}); "
             "run `lca replay` on it again to finish"
         )
     out = {}
     for dataset in sorted(root[PARAMS].array_keys()):
         arr = root[f"{PARAMS}/{dataset}"]
+        if not _complete(root, dataset):
+            raise CubeError(f"per-parameter LCA of {cube_path} for {dataset!r} was interrupted "
+                            "while being written; run `lca replay` on the cube again to finish")
         flat = np.asarray(arr[:])
         names, shapes = arr.attrs["names"], arr.attrs["shapes"]
         tensors, off = {}, 0

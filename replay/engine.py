@@ -7,6 +7,7 @@ task per piece on the chosen scheduler and writes each piece's arrays as it fini
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,9 +22,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from replay import cube
+from replay import cube, guard
 from replay.errors import ConfigError, ReplayError, TaskError
 from replay.gradients import Sampled, describe_gradient, parse_gradient
+from replay.lock import CubeLock
 from replay.quadrature import check_quadrature
 from replay.scheduler import JOBQUEUE, executor
 from replay.worker import DTYPES, Spec, compute_piece
@@ -54,9 +56,22 @@ def run(trajectory, task=None, datasets: Sequence[str] | None = None, gradient="
                    task_args=task_args, trust_task=trust_task, batch_size=batch_size,
                    device=device, threads=threads, nonfinite=nonfinite)
     spec, writer = plan.spec, plan.writer
-    stats = _execute(spec, plan.pieces, writer, scheduler, threads, device, cluster_options,
-                     progress)
-    complete = writer.finalize_params(spec.datasets, plan.names, plan.shapes)
+    try:
+        # Own the chunks this run writes (another replay of them is refused, a dead one holds
+        # nothing), then plan again: a replay that just finished may have done some of them.
+        with CubeLock(spec.cube, plan.label) as lock:
+            lock.claim(sorted({i0 // plan.chunk for i0, _ in plan.pieces}))
+            pieces = plan_pieces(plan.selected & ~writer.done_mask(), plan.chunk)
+            stats = _execute(spec, pieces, writer, scheduler, threads, device, cluster_options,
+                             progress)
+            with lock.exclusive():  # replays finishing their slices at once finalise once
+                complete = writer.finalize_params(spec.datasets, plan.names, plan.shapes)
+    except BaseException as err:
+        gone = guard.discard_if_empty(plan.spec.cube, plan.created, writer)
+        failure = guard.write_failure(spec.cube, err, writer, gone)
+        if failure is not None:
+            raise failure from None
+        raise
     if progress:
         _summary(spec.cube, stats, plan.selected, time.perf_counter() - began, complete)
     return xr.open_zarr(spec.cube)
@@ -72,6 +87,14 @@ class Plan:
     selected: np.ndarray
     names: list[str]
     shapes: dict
+    chunk: int = 1
+    created: bool = False  # this call created the cube (it may remove it if nothing got done)
+
+    def label(self, c0: int, c1: int) -> str:
+        """Chunks [c0, c1) as the steps they hold, for messages."""
+        steps = self.spec.steps
+        last = min(c1 * self.chunk, len(steps)) - 1
+        return f"steps {int(steps[c0 * self.chunk])}..{int(steps[last])}"
 
 
 def prepare(trajectory, task=None, datasets: Sequence[str] | None = None, gradient="exact",
@@ -105,12 +128,19 @@ def prepare(trajectory, task=None, datasets: Sequence[str] | None = None, gradie
     if not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
     ref, args, task_obj, task_inst = _resolve_task(traj, task, task_args, trust_task)
-    available = list(task_inst.datasets())
+    provided = task_inst.datasets()
+    available = list(provided)
     names = list(datasets) if datasets is not None else available
     unknown = [d for d in names if d not in available]
     if unknown or not names:
         raise ReplayError(f"unknown dataset(s) {unknown or names}; the task provides "
                           f"{', '.join(available)}")
+    empty = [d for d in names if len(provided[d]) == 0]
+    if empty:
+        raise ReplayError(f"dataset {empty[0]!r} of task {ref!r} is empty: there is no loss to "
+                          "allocate; leave it out (datasets=[...], CLI --datasets) or give the "
+                          "task data")
+    guard.check_model(task_inst, traj, ref)
     counts = None
     if callable(getattr(task_inst, "token_counts", None)):
         counts = {k: np.asarray(v) for k, v in task_inst.token_counts().items()}
@@ -138,18 +168,28 @@ def prepare(trajectory, task=None, datasets: Sequence[str] | None = None, gradie
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk!r}")
     layout = cube.Layout(starts, ends, tuple(labels), tuple(owners), np.array(sizes, np.int64),
                          tuple(names), chunk)
+    # Everything is checked before the first byte is written: a refused run leaves no trace.
+    created = False
     if cube.exists(out):
         if chunk_size is None:
             layout = dataclasses.replace(layout, chunk=cube.cube_chunk(out))
         cube.check_compatible(out, layout, settings)
+        guard.check_files(traj, starts, ends, selected & ~cube.CubeWriter(out).done_mask())
     else:
-        cube.create(out, layout, _attrs(traj, settings, mode, quadrature, tolerance))
+        guard.check_files(traj, starts, ends, selected)
+        try:
+            created = cube.create(out, layout, _attrs(traj, settings, mode, quadrature, tolerance))
+        except OSError as err:
+            raise guard.write_failure(out, err, None, True) or err from None
+        if not created:  # another replay created it a moment ago: resume that one
+            cube.check_compatible(out, layout, settings)
     writer = cube.CubeWriter(out)
     pieces = plan_pieces(selected & ~writer.done_mask(), layout.chunk)
     spec = Spec(_absolute(traj.path), ref, args, tuple(names), mode, quadrature, tolerance,
                 max_splits, groupings, precision, device, batch, threads, out, starts, ends,
                 nonfinite, task_obj)
-    return Plan(spec, writer, pieces, selected, list(traj.names), dict(traj.shapes))
+    return Plan(spec, writer, pieces, selected, list(traj.names), dict(traj.shapes),
+                layout.chunk, created)
 
 
 def _resolve_task(traj, task, task_args, trust_task):
@@ -284,8 +324,14 @@ def _execute(spec, pieces, writer, scheduler, threads, device, cluster_options, 
         extra = dict((cluster_options or {}).get("extra") or {})
         extra.setdefault("log_directory", f"{spec.cube}.jobs")
         cluster_options = {**(cluster_options or {}), "extra": extra}
-    with executor(scheduler, threads=threads, device=device,
-                  cluster_options=cluster_options) as (run_, where):
+    with contextlib.ExitStack() as stack:
+        try:
+            run_, where = stack.enter_context(executor(
+                scheduler, threads=threads, device=device, cluster_options=cluster_options))
+        except (OSError, TimeoutError) as err:   # e.g. no scheduler at that address
+            raise ReplayError(f"cannot start or reach the Dask scheduler {scheduler!r} ({err}); "
+                              "check that it runs and its address, or use --scheduler local "
+                              "(or sync)") from None
         stats["where"] = where
         if progress:
             from tqdm.auto import tqdm
@@ -301,6 +347,13 @@ def _execute(spec, pieces, writer, scheduler, threads, device, cluster_options, 
                 stats["steps"] += result["i1"] - result["i0"]
                 if bar is not None:
                     bar.update(result["i1"] - result["i0"])
+        except Exception as err:
+            if type(err).__name__ != "KilledWorker":
+                raise
+            # Dask gave up on a piece whose workers kept dying (out of memory, a crash).
+            raise ReplayError(f"replay tasks kept killing their Dask workers ({err}); give "
+                              "workers more memory (e.g. --memory) or use fewer per node, then "
+                              "run the same command again: the steps done are kept") from None
         finally:
             if bar is not None:
                 bar.close()
@@ -319,6 +372,11 @@ def _summary(out, stats, selected, seconds, complete):
         lines = [f"nothing to replay: the {int(selected.sum())} selected step(s) are already done"]
     lines.append(f"cube {out}: {int(done.sum())}/{done.size} steps done"
                  + ("" if complete else " (run again to fill the rest)"))
+    skipped = np.flatnonzero(done & selected & (np.asarray(ds["splits"].values) == 0))
+    if skipped.size:
+        steps = ", ".join(str(int(ds["step"].values[i])) for i in skipped[:10])
+        lines.append(f"{skipped.size} step(s) skipped for non-finite values (lca NaN, splits 0): "
+                     f"{steps}{' …' if skipped.size > 10 else ''}")
     if res.size:
         lines.append(f"|residual| mean {res.mean():.3g}, max {res.max():.3g} (loss units)")
     print("\n".join(lines), file=sys.stderr)

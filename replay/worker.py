@@ -138,9 +138,19 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
         if t_next != t1:
             raise ReplayError(f"trajectory {spec.trajectory}: expected recorded step {t1} after "
                               f"{t}, found {t_next}; run `lca verify` on it")
+        theta1 = None
         try:
             theta1 = _flatten_checked(flat, params, t1)
+            params = None  # theta1 holds θ_{t1}: the walk's copy need not live through the step
             delta = theta1 - theta0
+            # [reliability] θ_t may be non-finite (skipped as the previous end point) while the
+            # loss there is finite (e.g. an Inf bias under tanh): Δ then carries it; skip too.
+            bad = flat.first_nonfinite(delta)
+            if bad is not None:
+                raise _NonFinite(
+                    f"the update from step {t} to step {t1} is not finite in {bad!r} (step {t} "
+                    "has non-finite values); pass nonfinite='skip' (CLI --nonfinite skip) to "
+                    "mark such steps and continue")
             flat.load_state(state0)
             oracle.prepare(t)
             reuse = prev if exact else None
@@ -163,12 +173,16 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
             prev = res.end if (exact and same_state and res.end.grads is not None) else None
             if last and exact and res.end.grads is not None:
                 rt.carry = _Carry(theta1, state0, spec.threads, res.end)
+            res = None  # frees this step's mean and start gradients before the next step's
         except _NonFinite as err:
             if spec.nonfinite != "skip":
                 raise ReplayError(str(err)) from None
             prev = None  # step stays NaN, splits 0: marked in the cube, done like the others
-            theta1 = flat.flatten(params)
+            if theta1 is None:
+                theta1 = flat.flatten(params)
         theta0, state0 = theta1, state
+    walk.close()
+    delta = prev = None  # the writes below encode copies of cum: make room for them
     for d, name in enumerate(spec.datasets):
         cube.write_param_part(spec.cube, name, i0, i1, cum[d])
     out.update(i0=i0, i1=i1, evaluations=evaluations, forwards=forwards,

@@ -1,0 +1,54 @@
+"""Tasks for the reliability tests: TinyMLP variants that give a test time to act mid-replay,
+or poison one gradient. Importable as ``tests.reliability.tasks:...`` from the repository root
+(the CLI subprocesses run there)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from replay.tasks.tiny_mlp import TinyMLP
+
+
+class SlowMLP(TinyMLP):
+    """TinyMLP whose ``loss`` first sleeps ``$LCA_TEST_DELAY`` seconds (default 0).
+
+    The numbers are those of TinyMLP; the delay is an environment variable, not an argument, so
+    that it is not part of the cube's settings and a slow run can be resumed by a fast one.
+    """
+
+    def loss(self, model, batch):
+        delay = float(os.environ.get("LCA_TEST_DELAY") or 0)
+        if delay:
+            time.sleep(delay)
+        return super().loss(model, batch)
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Adds 0 to the loss and NaN to the gradient of its input."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.sum() * 0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.shape, float("nan"), dtype=grad.dtype, device=grad.device)
+
+
+class PoisonMLP(TinyMLP):
+    """TinyMLP with a finite loss but a NaN gradient of ``0.bias`` wherever ``0.bias[0] > above``."""
+
+    def __init__(self, above: float = float("inf"), **kwargs):
+        super().__init__(**kwargs)
+        self.above = above
+
+    def loss(self, model, batch):
+        total, n = super().loss(model, batch)
+        bias = model[0].bias
+        if float(bias[0].detach()) > self.above:
+            total = total + _NaNGradient.apply(bias)
+        return total, n
