@@ -20,7 +20,7 @@ from replay.codec import (
     PARAM_DTYPES, STATE_DTYPES, apply_delta, check_delta_payload, check_tensors, header_metadata,
 )
 from replay.errors import TrajectoryError
-from replay.manifest import _FIX, FORMAT_VERSION, MANIFEST, Source, read_manifest
+from replay.manifest import FORMAT_VERSION, MANIFEST, Source, read_manifest
 
 __all__ = ["FORMAT_VERSION", "Trajectory", "open_trajectory"]
 
@@ -107,6 +107,11 @@ class Trajectory:
         return size + len(self._source.read(MANIFEST))
 
     # ------------------------------------------------------------------ reading files
+    @property
+    def _fix(self) -> str:
+        # The relative file name leads the message; the remedy names the store itself.
+        return f"re-record or restore the file; `lca verify {self.path}` lists all problems"
+
     def read_file(self, step: int, role: str) -> bytes:
         """Bytes of a listed data file, checked against the manifest's size and sha256."""
         entry = self._entries[step]
@@ -114,16 +119,16 @@ class Trajectory:
         try:
             data = self._source.read(rel)
         except FileNotFoundError:
-            raise TrajectoryError(f"{rel}: file is missing; {_FIX}") from None
+            raise TrajectoryError(f"{rel}: file is missing; {self._fix}") from None
         except OSError as err:
-            raise TrajectoryError(f"{rel}: cannot read ({err}); {_FIX}") from None
+            raise TrajectoryError(f"{rel}: cannot read ({err}); {self._fix}") from None
         if len(data) != entry["bytes"][rel]:
             raise TrajectoryError(f"{rel}: {len(data)} bytes, manifest says "
-                                  f"{entry['bytes'][rel]} (truncated or replaced); {_FIX}")
+                                  f"{entry['bytes'][rel]} (truncated or replaced); {self._fix}")
         digest = hashlib.sha256(data).hexdigest()
         if digest != entry["sha256"][rel]:
             raise TrajectoryError(f"{rel}: sha256 {digest[:12]}… does not match the manifest's "
-                                  f"{entry['sha256'][rel][:12]}… (corrupted); {_FIX}")
+                                  f"{entry['sha256'][rel][:12]}… (corrupted); {self._fix}")
         return data
 
     def _load(self, step: int, role: str) -> Tensors:
@@ -135,7 +140,7 @@ class Trajectory:
             meta = header_metadata(data)
         except Exception as err:  # safetensors raises its own error types
             raise TrajectoryError(
-                f"{rel}: not a readable safetensors file ({err}); {_FIX}") from None
+                f"{rel}: not a readable safetensors file ({err}); {self._fix}") from None
         if meta.get("step") not in (None, str(step)):
             problem = f"belongs to step {meta['step']}, not {step}"
         elif role == "delta":
@@ -146,7 +151,7 @@ class Trajectory:
             problem = check_tensors(tensors, self._state_shapes, self.state_dtypes,
                                     complete="keyframe" in self._entries[step]["files"])
         if problem:
-            raise TrajectoryError(f"{rel}: {problem}; {_FIX}")
+            raise TrajectoryError(f"{rel}: {problem}; {self._fix}")
         return tensors
 
     def _state_at(self, t: int, state: Tensors | None) -> Tensors:
@@ -180,7 +185,7 @@ class Trajectory:
         else:
             raise TrajectoryError(
                 f"{self.path}/{MANIFEST}: step {nxt} has no keyframe and step {t} no delta "
-                f"file, so step {nxt} cannot be rebuilt; {_FIX}")
+                f"file, so step {nxt} cannot be rebuilt; {self._fix}")
         return nxt, params, self._state_at(nxt, state)
 
     def _start(self, t: int) -> tuple[int, Tensors, Tensors]:
