@@ -28,7 +28,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm"
 
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check replay analysis tests benchmarks

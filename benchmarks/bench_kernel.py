@@ -5,9 +5,10 @@ counts of ``lca < 0`` and ``cum += lca``. This compares, in one run with interle
 
 - numba: :class:`replay.kernel.Reducer` over G synthetic tensors (one pass over memory), both
   as one launch over the flat parameter vector (``reduce_flat``) and tensor by tensor (``add``);
-- torch: the best of two plain-torch pipelines over per-element group ids (product,
-  ``index_add_`` into G groups, ``bincount`` of the negatives, ``cum += lca``), one computing
-  the product in float64 (same numbers as the kernel) and one in float32 (cheaper, less exact);
+- torch: the best of four plain-torch pipelines: over per-element group ids (product,
+  ``index_add_`` into G groups, ``bincount`` of the negatives, ``cum += lca``), and tensor by
+  tensor over slices (product, ``sum``, ``(lca < 0).sum()``, ``cum[a:b] += lca``), each with
+  the product in float64 (same numbers as the kernel) and in float32 (cheaper, less exact);
 - copy: ``np.copyto`` of a large float32 array (bytes read + written per second), and the same
   copy parallelised with numba over all threads.
 
@@ -15,12 +16,15 @@ The kernel must touch 24 bytes per element (gbar 4 + delta 4 + cum read 8 + cum 
 effective bandwidth is 24·n / time. Usage::
 
     python benchmarks/bench_kernel.py [--n 1e8] [--groups 300] [--repeats 5] [--threads T]
+                                      [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import numba
@@ -30,6 +34,9 @@ from numba import njit, prange
 
 from replay.groups import resolve_groupings
 from replay.kernel import Reducer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 
 @njit(parallel=True, cache=True)
@@ -73,6 +80,19 @@ def bench_torch(gid, gbar, delta, cum, groups: int, float64_product: bool):
     return time.perf_counter() - t, out_sum.numpy(), out_neg.numpy()
 
 
+def bench_torch_slices(bounds, gbar, delta, cum, groups: int, float64_product: bool):
+    t = time.perf_counter()
+    out_sum = torch.zeros(groups, dtype=torch.float64)
+    out_neg = torch.zeros(groups, dtype=torch.int64)
+    for g, (a, b) in enumerate(bounds):
+        lca = delta[a:b].double() * gbar[a:b].double() if float64_product else \
+            delta[a:b] * gbar[a:b]
+        out_sum[g] = lca.sum(dtype=torch.float64)
+        out_neg[g] = (lca < 0).sum()
+        cum[a:b] += lca
+    return time.perf_counter() - t, out_sum.numpy(), out_neg.numpy()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=float, default=1e8, help="elements (default 1e8)")
@@ -80,7 +100,11 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
     p.add_argument("--threads", type=int, default=None,
                    help="numba and torch threads (default: numba's default)")
+    p.add_argument("--quick", action="store_true", help="1e7 elements, 3 repeats")
+    p.add_argument("--work", default=None, help=argparse.SUPPRESS)  # run_all.py passes it
     args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.repeats = min(args.n, 1e7), min(args.repeats, 3)
     n, groups = int(args.n), args.groups
     threads = args.threads or numba.config.NUMBA_NUM_THREADS
     numba.set_num_threads(threads)
@@ -110,16 +134,23 @@ def main(argv=None) -> None:
     assert np.array_equal(cum_np, cum_t.numpy()), "cumulative LCA differs"
     _, s_fl, k_fl = bench_numba_flat(reducer, gbar, delta, cum_np)
     assert np.array_equal(k_fl, k_t) and np.allclose(s_fl, s_t, rtol=1e-9, atol=1e-9)
+    _, s_sl, k_sl = bench_torch_slices(bounds, tg, td, cum_t, groups, True)
+    assert np.array_equal(k_sl, k_t) and np.allclose(s_sl, s_t, rtol=1e-9, atol=1e-9)
 
     times: dict[str, list[float]] = {k: [] for k in
                                      ("numba", "numba-per-tensor", "torch-f64", "torch-f32",
-                                              "copy", "copy-par")}
+                                      "torch-slices-f64", "torch-slices-f32", "copy",
+                                      "copy-par")}
     for _ in range(args.repeats):
         times["numba"].append(bench_numba_flat(reducer, gbar, delta, cum_np)[0])
         times["numba-per-tensor"].append(
             bench_numba(reducer, names, bounds, gbar, delta, cum_np)[0])
         times["torch-f64"].append(bench_torch(gid, tg, td, cum_t, groups, True)[0])
         times["torch-f32"].append(bench_torch(gid, tg, td, cum_t, groups, False)[0])
+        times["torch-slices-f64"].append(bench_torch_slices(bounds, tg, td, cum_t, groups,
+                                                            True)[0])
+        times["torch-slices-f32"].append(bench_torch_slices(bounds, tg, td, cum_t, groups,
+                                                            False)[0])
         t = time.perf_counter()
         np.copyto(copy_dst, copy_src)
         times["copy"].append(time.perf_counter() - t)
@@ -131,7 +162,9 @@ def main(argv=None) -> None:
     copy_bw = 2 * copy_src.nbytes / med["copy"]
     copy_par_bw = 2 * copy_src.nbytes / med["copy-par"]
     kernel_bw = 24 * n / med["numba"]
-    best_torch = min(med["torch-f64"], med["torch-f32"])
+    torch_keys = ("torch-f64", "torch-f32", "torch-slices-f64", "torch-slices-f32")
+    best_key = min(torch_keys, key=med.get)
+    best_torch = med[best_key]
     print(f"n = {n:.3g} float32 elements, {groups} groups, {threads} threads "
           f"(numba layer {numba.threading_layer()}), median of {args.repeats} interleaved runs")
     for k, v in med.items():
@@ -140,13 +173,22 @@ def main(argv=None) -> None:
           f"{med['numba-per-tensor'] / med['numba']:.2f}x faster")
     print(f"numba vs torch (float64 product):   {med['torch-f64'] / med['numba']:.2f}x faster")
     print(f"numba vs torch (float32 product):   {med['torch-f32'] / med['numba']:.2f}x faster")
-    print(f"numba vs best torch:                {best_torch / med['numba']:.2f}x faster "
+    print(f"numba vs best torch ({best_key}): {best_torch / med['numba']:.2f}x faster "
           "(target >= 3x)")
     print(f"kernel effective bandwidth:         {kernel_bw / 1e9:.1f} GB/s (24 B/element)")
     print(f"np.copyto bandwidth:                {copy_bw / 1e9:.1f} GB/s -> kernel at "
           f"{kernel_bw / copy_bw:.0%} (target >= 50%)")
     print(f"parallel copy bandwidth:            {copy_par_bw / 1e9:.1f} GB/s -> kernel at "
           f"{kernel_bw / copy_par_bw:.0%}")
+    speed, share = best_torch / med["numba"], kernel_bw / max(copy_bw, copy_par_bw)
+    common.emit("kernel", [
+        common.row(f"numba reduction vs best torch ({n:.0e} float32, {groups} groups)", speed,
+                   ">= 3x", speed >= 3, f"{med['numba'] * 1e3:.0f} ms vs "
+                   f"{best_torch * 1e3:.0f} ms ({best_key}), {threads} threads", fmt="{:.1f}x"),
+        common.row("numba reduction bandwidth / plain array copy", share, ">= 50%",
+                   share >= 0.5, f"{kernel_bw / 1e9:.1f} GB/s vs the faster copy "
+                   f"({max(copy_bw, copy_par_bw) / 1e9:.1f} GB/s)", fmt="{:.0%}"),
+    ])
 
 
 if __name__ == "__main__":

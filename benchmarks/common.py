@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import platform
 import statistics
@@ -19,6 +20,12 @@ from collections.abc import Callable
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Dask's INFO chatter (and the tracebacks it logs while closing clusters) is not ours to show;
+# distributed sets its loggers' levels when imported, so import it first.
+import distributed  # noqa: E402,F401
+
+logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.yaml")
 TASK = "replay.tasks.toy_nmt:ToyNMT"
 
@@ -54,12 +61,15 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 
 def interleave(cases: dict[str, Callable[[], object]], repeats: int,
-               warmup: bool = True) -> dict[str, list[float]]:
-    """Run every case once per round, rotating the order each round; seconds per case."""
+               warmup: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
+    """Run every case once per round, rotating the order each round; seconds per case.
+
+    ``warmup``: callables run once first (e.g. the same work on one step), so one-time costs
+    (imports, JIT caches, allocator growth) do not land in the first round.
+    """
     names = list(cases)
-    if warmup:
-        for name in names:
-            cases[name]()
+    for fn in (warmup or {}).values():
+        fn()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]

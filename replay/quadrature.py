@@ -104,35 +104,57 @@ def integrate(
         start = point(0.0, True)
     if name == "first-order":
         end = point(1.0, end_grad)
-        return StepIntegral([g.clone() for g in start.grads], start, end, 1, evaluations, forwards)
+        # The start gradients themselves: nothing writes into a mean gradient.
+        return StepIntegral(list(start.grads), start, end, 1, evaluations, forwards)
 
     end = point(1.0, True)
     if name == "trapezoid":
-        gbar = [(a + b) * 0.5 for a, b in zip(start.grads, end.grads)]
+        gbar = [(a + b).mul_(0.5) for a, b in zip(start.grads, end.grads)]
         return StepIntegral(gbar, start, end, 1, evaluations, forwards)
 
     mid = point(0.5, True)
     # Composite Simpson with n sub-intervals: (1/3n)[g0 + gn + 4·Σ odd + 2·Σ even interior].
-    ends = [a + b for a, b in zip(start.grads, end.grads)]
-    odd = list(mid.grads)
-    even = [torch.zeros_like(g) for g in ends]
     n = 2
-    gbar = _simpson(ends, odd, even, n)
-    if name == "adaptive":
-        while n < max_splits and _worst_residual(start, end, gbar, delta) > tolerance:
-            even = [e + o for e, o in zip(even, odd)]
-            n *= 2
-            odd = [torch.zeros_like(g) for g in ends]
-            for j in range(1, n, 2):
-                p = point(j / n, True)
-                for acc, g in zip(odd, p.grads):
-                    acc += g
-            gbar = _simpson(ends, odd, even, n)
+    if name == "simpson":
+        # The midpoint's gradients serve only here, so the mean is built in their buffers,
+        # one dataset at a time: a worker's peak is 3 gradients per dataset (start, end, mid).
+        gbar = [_simpson_into(m, a + b, m, None, n)
+                for a, b, m in zip(start.grads, end.grads, mid.grads)]
+        return StepIntegral(gbar, start, end, n, evaluations, forwards)
+    ends = [a + b for a, b in zip(start.grads, end.grads)]
+    odd, even = list(mid.grads), None
+    gbar = [_simpson_into(torch.empty_like(e), e, o, None, n) for e, o in zip(ends, odd)]
+    while n < max_splits and _worst_residual(start, end, gbar, delta) > tolerance:
+        if even is None:
+            even = [torch.zeros_like(o) for o in odd]
+        for e, o in zip(even, odd):
+            e += o
+        n *= 2
+        odd = [torch.zeros_like(g) for g in ends]
+        for j in range(1, n, 2):
+            p = point(j / n, True)
+            for acc, g in zip(odd, p.grads):
+                acc += g
+        for out, e, o, v in zip(gbar, ends, odd, even):
+            _simpson_into(out, e, o, v, n)
     return StepIntegral(gbar, start, end, n, evaluations, forwards)
 
 
-def _simpson(ends, odd, even, n):
-    return [(e + 4.0 * o + 2.0 * v) / (3.0 * n) for e, o, v in zip(ends, odd, even)]
+def _simpson_into(out: torch.Tensor, ends: torch.Tensor, odd: torch.Tensor,
+                  even: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``out = (ends + 4·odd + 2·even) / (3n)`` in place (``out`` may be ``odd``), rounded
+    exactly as that expression: the products by 4 and 2 are exact, addition commutes, and
+    an absent ``even`` (n = 2: zero) still adds +0.0, as the expression would."""
+    if out is odd:
+        out.mul_(4.0)
+    else:
+        torch.mul(odd, 4.0, out=out)
+    out.add_(ends)
+    if even is None:
+        out.add_(0.0)
+    else:
+        out.add_(even * 2.0)
+    return out.div_(3.0 * n)
 
 
 def _worst_residual(start: Point, end: Point, gbar: list[torch.Tensor], delta: torch.Tensor):

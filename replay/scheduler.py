@@ -10,7 +10,9 @@ must give the same numbers for any scheduler.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 from collections.abc import Iterator
 
 from replay.errors import ConfigError
@@ -24,6 +26,62 @@ def thread_env(threads: int) -> dict[str, str]:
     n = str(threads)
     return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n,
             "NUMBA_NUM_THREADS": n}
+
+
+# Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 (to hand freed memory back to
+# the OS). Setting it switches off glibc's adaptive mmap threshold, so every tensor above
+# 128 KiB is mmapped and unmapped again, page faults and all: a torch forward + backward runs
+# about 2x slower than in a plain process. Replay workers start without it.
+_DASK_TRIM = "MALLOC_TRIM_THRESHOLD_"
+
+
+@contextlib.contextmanager
+def glibc_default_malloc():
+    """Start Dask worker processes with glibc's default (adaptive) malloc settings."""
+    import dask
+
+    # An earlier nanny in this process may have exported Dask's value into os.environ, which
+    # spawned workers inherit; leave a value the user set to something else alone.
+    default = str(dask.config.get(f"distributed.nanny.pre-spawn-environ.{_DASK_TRIM}", ""))
+    saved = os.environ.get(_DASK_TRIM)
+    if saved is not None and saved == default:
+        del os.environ[_DASK_TRIM]
+    try:
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{_DASK_TRIM}": None}):
+            yield
+    finally:
+        if saved is not None:
+            os.environ[_DASK_TRIM] = saved
+
+
+_MALLOC_CHECKED = False
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+
+
+def _restore_malloc_thresholds() -> None:
+    """In a worker that a Dask nanny started with its trim setting (batch-system and
+    ``dask worker`` clusters, where :func:`glibc_default_malloc` cannot reach): set the
+    thresholds glibc's adaptive default settles at (mmap above 32 MiB, trim above 64 MiB), so
+    tensors are reused from the heap again. Once per process; memory policy only."""
+    global _MALLOC_CHECKED
+    if _MALLOC_CHECKED:
+        return
+    _MALLOC_CHECKED = True
+    if not sys.platform.startswith("linux") or _DASK_TRIM not in os.environ:
+        return
+    try:
+        import dask
+        from distributed import get_worker
+
+        get_worker()  # not under Dask (sync): the user's process keeps its own settings
+        if os.environ[_DASK_TRIM] != str(
+                dask.config.get(f"distributed.nanny.pre-spawn-environ.{_DASK_TRIM}", "")):
+            return  # someone chose another value on purpose
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    except (ImportError, ValueError, OSError, AttributeError):
+        pass  # not glibc, or not in a Dask worker: nothing to restore
 
 
 def _count(spec: str, name: str) -> int | None:
@@ -73,9 +131,10 @@ def executor(scheduler, *, threads: int = 1, device: str = "cpu",
             client, desc = Client(cluster), f"threads ({n} in this process)"
         elif scheduler == "local" or scheduler.startswith("local:"):
             n = _count(scheduler, "local") or max(1, (os.cpu_count() or 1) // threads)
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                   dashboard_address=":0", env=thread_env(threads),
-                                   silence_logs=40)
+            with glibc_default_malloc():
+                cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                       dashboard_address=":0", env=thread_env(threads),
+                                       silence_logs=40)
             owned.append(cluster)
             client, desc = Client(cluster), f"LocalCluster ({n} worker processes)"
         elif scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
@@ -138,6 +197,8 @@ def lane_order(pieces: list[tuple[int, int]], workers: int) -> list[tuple[int, i
 
 def _with_threads(fn, spec, i0, i1, threads):
     import numba
+
+    _restore_malloc_thresholds()
 
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     return fn(spec, i0, i1)
