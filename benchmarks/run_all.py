@@ -10,7 +10,7 @@ Usage::
                                  [--markdown FILE]
 
 ``--quick`` (~2 minutes on 2 cores) runs every benchmark on less work; the default (~8
-minutes) is what ``benchmarks/RESULTS.md`` reports.
+minutes) is what the README's Measurements section reports.
 """
 
 from __future__ import annotations
