@@ -193,7 +193,12 @@ def test_exception_in_training_keeps_the_completed_steps(tmp_path):
 
 
 def test_sigkill_mid_run_leaves_a_store_valid_up_to_its_last_complete_step(tmp_path):
-    store = tmp_path / "traj"
+    recorder_survives_sigkill(tmp_path / "traj", kill_after=40, min_steps=30)
+
+
+def recorder_survives_sigkill(store, kill_after: int, min_steps: int) -> None:
+    """Record in a subprocess, SIGKILL it after step ``kill_after``: the store must verify and
+    every θ_t must equal an in-process rerun bit for bit (also used by tests/reliability)."""
     helper = os.path.join(os.path.dirname(__file__), "helpers_record.py")
     proc = subprocess.Popen([sys.executable, helper, str(store), "100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -203,7 +208,7 @@ def test_sigkill_mid_run_leaves_a_store_valid_up_to_its_last_complete_step(tmp_p
             line = proc.stdout.readline()
             if not line:
                 break
-            if line.startswith("step ") and int(line.split()[1]) >= 40:
+            if line.startswith("step ") and int(line.split()[1]) >= kill_after:
                 break
         assert proc.poll() is None, proc.stderr.read()
         os.kill(proc.pid, signal.SIGKILL)
@@ -212,7 +217,7 @@ def test_sigkill_mid_run_leaves_a_store_valid_up_to_its_last_complete_step(tmp_p
         proc.wait()
     traj = open_trajectory(store)
     n = traj.steps[-1]
-    assert n >= 30 and traj.steps == list(range(n + 1))
+    assert n >= min_steps and traj.steps == list(range(n + 1))
     traj.verify()
     # The same run rebuilt in-process matches the store bit for bit (single thread, same seeds).
     threads = torch.get_num_threads()

@@ -7,20 +7,17 @@ import errno
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 import zarr
 
 import replay
 from replay.scheduler import thread_env
-from replay.store import open_trajectory
-from tests.helpers_record import make_model, train
+from tests.test_record import recorder_survives_sigkill
 from tests.reliability.helpers import (
     ARGS, COMMON, ROOT, SLOW, assert_same_cube, cli, lca, one_line_error, record, task_flags,
     tree,
@@ -158,34 +155,8 @@ def test_concurrent_replays_and_sigkill(run24, tmp_path):
 
 @pytest.mark.slow
 def test_recorder_killed_mid_write_leaves_a_valid_store(tmp_path):
-    """(A copy of tests/test_record.py's check, kept with the other faults.)"""
-    store = tmp_path / "traj"
-    helper = os.path.join(ROOT, "tests", "helpers_record.py")
-    proc = subprocess.Popen([sys.executable, helper, str(store), "100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line or (line.startswith("step ") and int(line.split()[1]) >= 30):
-                break
-        assert proc.poll() is None, proc.stderr.read()
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    traj = open_trajectory(store)
-    n = traj.steps[-1]
-    assert n >= 20 and traj.steps == list(range(n + 1))
-    traj.verify()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        snaps = train(make_model(width=64), n, snapshots={})
-    finally:
-        torch.set_num_threads(threads)
-    for t, params, _ in traj.walk():
-        assert all(torch.equal(params[k], snaps[t][k]) for k in params), t
+    """The recorder's SIGKILL check of tests/test_record.py, run here with the other faults."""
+    recorder_survives_sigkill(tmp_path / "traj", kill_after=30, min_steps=20)
 
 
 # ---------------------------------------------------------------------------------- disk full
