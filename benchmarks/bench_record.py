@@ -8,7 +8,7 @@ times in one run, so both see the same machine load; each B block records into a
 Prints median step times, the overhead ratio B/A, the flush time, and bytes on disk per
 parameter per recorded step of the stores. Usage::
 
-    python benchmarks/bench_record.py [--steps 20] [--repeats 4] [--d-model 48] [--ffn-dim 96]
+    python benchmarks/bench_record.py [--steps 20] [--repeats 8] [--d-model 48] [--ffn-dim 96]
                                       [--mode delta|full] [--threads T]
 
 On a 2-core machine shared with other jobs the ratio mostly measures CPU contention between the
@@ -55,7 +55,7 @@ def timed_steps(task, model, opt, batches, steps: int, rec=None, in_rec=None) ->
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="steps per A or B block")
-    parser.add_argument("--repeats", type=int, default=4, help="A/B block pairs")
+    parser.add_argument("--repeats", type=int, default=8, help="A/B block pairs")
     parser.add_argument("--d-model", type=int, default=48, help="ToyNMT d_model (48: default)")
     parser.add_argument("--ffn-dim", type=int, default=96, help="ToyNMT ffn_dim (96: default)")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -1,12 +1,18 @@
-"""Bit-exact delta encoding of one parameter update θ_t → θ_next (trajectory format v1).
+"""Bit-exact delta encoding of one parameter update θ_t → θ_next.
 
-A delta file stores, per recorded parameter ``name`` of shape S and dtype D:
+The encoding of one tensor ``name`` of shape S and dtype D is:
 
 - ``name``: Δ = fl(θ_next − θ_t) of shape S, in the *delta dtype* (float64 for float64
   parameters, float32 otherwise), computed as ``θ_next.to(dd) - θ_t.to(dd)``;
 - ``name::fix_idx`` (int64, (k,)) and ``name::fix_val`` (D, (k,)): the flat indices and exact
   values of the k elements where ``(θ_t.to(dd) + Δ).to(D)`` is not bit-identical to θ_next.
   Both keys are absent when k == 0.
+
+Format-1 delta files hold exactly this per recorded parameter. Format 2 (written since 0.2)
+applies it to one flat buffer per parameter dtype, the parameters concatenated in manifest order
+(``delta.float32``, ``fix_idx.float32``, … see :meth:`replay.snapshot.FlatLayout.encode_delta`):
+the file header then no longer grows with the number of tensors, which for a model with many
+small tensors cost more than 2% of the store.
 
 Reconstruction ``apply_delta`` repeats the writer's arithmetic (IEEE add and cast are exactly
 rounded, hence deterministic) and patches the listed elements, so it reproduces θ_next bit for

@@ -26,10 +26,15 @@ import os
 import posixpath
 import tempfile
 
-from replay.codec import PARAM_DTYPES, STATE_DTYPES
 from replay.errors import TrajectoryError
 
-FORMAT_VERSION = 1
+# Dtype names a store may hold (torch-free here: the recorder's writer process reads this module).
+PARAM_DTYPES = ("float16", "bfloat16", "float32", "float64")
+STATE_DTYPES = PARAM_DTYPES + ("int8", "int16", "int32", "int64", "uint8", "bool")
+
+FORMAT_VERSION = 2
+# Format 1 differs only in its delta files (one Δ tensor per parameter); it is still read.
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 FILE_ROLES = ("keyframe", "delta", "state")
 _DIRS = {"keyframe": "keyframes", "delta": "deltas", "state": "state"}
@@ -103,12 +108,13 @@ def validate(m: object, where: str) -> None:
     """Check the structure of a parsed manifest; raise one-line TrajectoryError naming the key."""
     _need(isinstance(m, dict), where, "top level is not a JSON object")
     version = m.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         from replay import __version__
 
         raise TrajectoryError(
             f"{where}: format_version {version!r} is not supported by lca-replay {__version__} "
-            f"(it reads format {FORMAT_VERSION}); use the lca-replay version that recorded it")
+            f"(it reads formats {', '.join(map(str, READABLE_VERSIONS))}); use the lca-replay "
+            "version that recorded it")
     for key in ("mode", "keyframe_every", "every", "params", "aliases", "state", "steps"):
         _need(key in m, where, f"missing key {key!r}")
     _need(m["mode"] in ("delta", "full"), where, f"mode {m['mode']!r} is not 'delta' or 'full'")
@@ -152,19 +158,21 @@ def validate(m: object, where: str) -> None:
 
 # ------------------------------------------------------------------------------------ writing
 
-def write_atomic(directory: str, rel: str, data: bytes, sync_dir: bool = True) -> None:
+def write_atomic(directory: str, rel: str, data: bytes | list, sync_dir: bool = True) -> None:
     """Write ``directory/rel`` so that readers see the old file or the whole new one, never part.
 
     Temp file in the same directory (same file system, so ``os.replace`` is atomic), fsync,
     rename, then (``sync_dir``) fsync the directory so that the rename itself survives a power
-    loss before anything that refers to the file is written.
+    loss before anything that refers to the file is written. ``data`` may be a list of
+    byte chunks, written one after the other.
     """
     target = os.path.join(directory, rel)
     folder = os.path.dirname(target)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in (data if isinstance(data, list) else [data]):
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -184,10 +192,11 @@ def write_atomic(directory: str, rel: str, data: bytes, sync_dir: bool = True) -
 
 
 class ManifestWriter:
-    """Builds manifest.json text incrementally: the header once, one pre-serialised line per step.
+    """Builds manifest.json incrementally: the header once, one pre-serialised line per step.
 
-    Rewriting the whole manifest after each step is O(steps) bytes, but only string joins: each
-    step entry is serialised once (twice for the entry that later gains its delta file).
+    Steps before the last live in a growing bytearray (appending is amortised O(1)); only the
+    last entry is kept as a dict, because it gains its delta file when the next step arrives.
+    :meth:`chunks` hands the pieces to :func:`write_atomic` without joining them.
     """
 
     def __init__(self, header: dict):
@@ -200,18 +209,25 @@ class ManifestWriter:
                 lines.append(f"  {json.dumps(key)}: [\n{items}\n  ]")
             else:
                 lines.append(f"  {json.dumps(key)}: {json.dumps(value)}")
-        self._head = "{\n" + ",\n".join(lines) + ',\n  "steps": ['
-        self.entries: list[dict] = []
-        self._lines: list[str] = []
+        self._head = ("{\n" + ",\n".join(lines) + ',\n  "steps": [').encode()
+        self._body = bytearray()
+        self.last: dict | None = None
+        self._last_line = b""
 
     def append(self, entry: dict) -> None:
-        self.entries.append(entry)
-        self._lines.append("    " + json.dumps(entry))
+        if self.last is not None:
+            self._body += self._last_line + b",\n"
+        self.last = entry
+        self.refresh_last()
 
-    def refresh_last(self, offset: int = 1) -> None:
-        """Re-serialise an entry changed in place (the previous step gaining its delta file)."""
-        self._lines[-offset] = "    " + json.dumps(self.entries[-offset])
+    def refresh_last(self) -> None:
+        """Re-serialise the last entry after a change in place (it gained its delta file)."""
+        self._last_line = ("    " + json.dumps(self.last)).encode()
+
+    def chunks(self) -> list[bytes | bytearray]:
+        if self.last is None:
+            return [self._head, b"]\n}\n"]
+        return [self._head, b"\n", self._body, self._last_line, b"\n  ]\n}\n"]
 
     def text(self) -> str:
-        body = ("\n" + ",\n".join(self._lines) + "\n  ") if self._lines else ""
-        return self._head + body + "]\n}\n"
+        return b"".join(self.chunks()).decode()

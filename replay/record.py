@@ -1,51 +1,35 @@
-"""The Recorder: saves a training trajectory θ_0, θ_k, θ_2k, … into a store (format v1).
+"""The Recorder: saves a training trajectory θ_0, θ_k, θ_2k, … into a store (format 2).
 
-The training thread only snapshots (copies every tensor off the training device) and enqueues;
-a background writer thread computes deltas and corrections, hashes and writes the files, then
-replaces manifest.json, so a crash leaves a store that is valid up to its last complete step.
-Step t means "parameters after t optimizer updates".
+The training thread only snapshots (copies every tensor off the training device into a shared
+memory buffer) and sends a line to the writer process (:mod:`replay.record_writer`), which
+computes deltas and corrections, hashes and writes the files, then replaces manifest.json, so a
+crash leaves a store that is valid up to its last complete step. Step t means "parameters after
+t optimizer updates".
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
-import hashlib
 import json
 import os
-import queue
-import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
-from replay.codec import to_safetensors
 from replay.errors import RecorderError
-from replay.snapshot import Flats, FlatLayout, manifest_spec, model_tensors, resolve
+from replay.snapshot import FlatLayout, Snapshotter, manifest_spec, model_tensors
+from replay.writer_process import WriterProcess
 from replay.manifest import (
-    FORMAT_VERSION, MANIFEST, ManifestWriter, file_name, is_remote, local_path, write_atomic,
+    FORMAT_VERSION, MANIFEST, ManifestWriter, is_remote, local_path, write_atomic,
 )
 
 __all__ = ["Recorder"]
 
 Tensors = dict[str, torch.Tensor]
-
-
-@dataclass
-class _Snapshot:
-    """What the training thread hands to the writer for one recorded step (CPU tensors)."""
-
-    step: int
-    params: Flats                   # dtype -> 1-D CPU buffer, see FlatLayout
-    state: Flats
-    loss: Any                       # float, 0-d CPU tensor or None
-    lr: list[float] | None
-    time: float
-    interval_losses: list | None = field(default=None)   # every > 1: losses of (prev, step]
 
 
 class Recorder:
@@ -85,6 +69,9 @@ class Recorder:
                                 "record; unfreeze at least one")
         self._param_layout = FlatLayout([(n, *spec) for n, _, spec in self._params])
         self._state_layout = FlatLayout([(n, *spec) for n, _, spec, _ in self._state])
+        self._param_copy = Snapshotter(self._params, self._param_layout)
+        self._state_copy = Snapshotter(self._state, self._state_layout)
+        self._queue_size = queue_size
         self._header = {
             "format_version": FORMAT_VERSION, "lca_replay_version": _version(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -94,8 +81,7 @@ class Recorder:
             "aliases": aliases,
             "state": [{**manifest_spec(n, t), "kind": kind} for n, _, t, kind in self._state],
         }
-        self._queue: queue.Queue = queue.Queue(queue_size)
-        self._writer: _Writer | None = None
+        self._writer: WriterProcess | None = None
         self._step = 0
         self._last_recorded = -1
         self._pending_losses: list = []
@@ -121,13 +107,18 @@ class Recorder:
         if self._writer is not None:
             raise RecorderError(f"this Recorder already started recording into {self.path}")
         self._check_destination()
-        for sub in ("keyframes", "deltas", "state"):
-            os.makedirs(os.path.join(self.path, sub), exist_ok=True)
-        writer = ManifestWriter(self._header)
-        write_atomic(self.path, MANIFEST, writer.text().encode(), sync_dir=False)
-        self._writer = _Writer(self.path, writer, self.mode, self.keyframe_every, self._queue,
-                               self._param_layout, self._state_layout)
-        self._writer.start()
+        # The writer process first: if it cannot start, nothing has been created on disk.
+        writer = WriterProcess(self.path, self._header, self.mode, self.keyframe_every,
+                                self._queue_size + 2, self._param_layout, self._state_layout)
+        try:
+            for sub in ("keyframes", "deltas", "state"):
+                os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+            write_atomic(self.path, MANIFEST, ManifestWriter(self._header).chunks(),
+                         sync_dir=False)
+        except BaseException:
+            writer.close()
+            raise
+        self._writer = writer
         # Flush queued steps if the program ends without close(); weakref: no leak.
         self._atexit = functools.partial(_close_at_exit, weakref.ref(self))
         atexit.register(self._atexit)
@@ -153,8 +144,8 @@ class Recorder:
              lr: float | list[float] | None = None) -> None:
         """One optimizer update happened: step += 1, recorded if it is a multiple of ``every``.
 
-        ``loss`` (float or 0-d tensor, copied to the CPU without ``.item()``) is the training
-        loss of that update; ``lr`` a float or one per parameter group. Re-raises a failure of
+        ``loss`` (float or 0-d tensor, read when the step is recorded) is the training loss
+        of that update; ``lr`` a float or one per parameter group. Re-raises a failure of
         the background writer as RecorderError.
         """
         self._check_running()
@@ -197,13 +188,21 @@ class Recorder:
         self._raise_writer_error()
 
     def _raise_writer_error(self) -> None:
-        err = self._writer.error if self._writer is not None else None
-        if err is not None:
+        w = self._writer
+        if w is None:
+            return
+        w.check()         # a writer that died unannounced shows at the next send (broken pipe)
+        if w.error is not None:
             self._error_raised = True
             raise RecorderError(
-                f"background writer failed at step {self._writer.failed_step} "
-                f"({type(err).__name__}: {err}); {self.path} is valid up to step "
-                f"{self._writer.last_complete}; fix the cause and record into a new path") from err
+                f"background writer failed at step {w.failed_step} ({w.error}); {self.path} is "
+                f"valid up to step {w.last_complete}; fix the cause and record into a new path")
+        if w.ended and not w.closing:
+            self._error_raised = True
+            raise RecorderError(
+                f"the background writer of {self.path} stopped (exit status "
+                f"{w.proc.poll()}); {self.path} is valid up to step {w.last_complete}; "
+                "record into a new path")
 
     def _take_interval(self) -> list | None:
         if self.every == 1:
@@ -212,32 +211,29 @@ class Recorder:
         return losses
 
     def _submit(self, loss: Any, lr: list[float] | None, interval: list | None) -> None:
-        """Snapshot θ_step and state (the copy off the device happens here) and enqueue it."""
-        params = self._param_layout.gather(
-            {n: resolve(n, slot, spec, self._step) for n, slot, spec in self._params})
-        state = self._state_layout.gather(
-            {n: resolve(n, slot, spec, self._step) for n, slot, spec, _ in self._state})
-        snap = _Snapshot(self._step, params, state, loss, lr, time.time(), interval)
-        self._put(snap)
+        """Snapshot θ_step and state into a free shared buffer and hand it to the writer."""
+        w = self._writer
+        slot = w.take_slot(self._raise_writer_error)
+        params, state = w.buffers[slot]
+        for copier, bufs in ((self._param_copy, params), (self._state_copy, state)):
+            for dtype, flat in copier.copy(self._step, bufs).items():
+                if flat is not bufs.flats[dtype]:    # gathered on a device: one more copy
+                    bufs.flats[dtype].copy_(flat)
+        # Formatted by hand: json.dumps of this dict costs ~50 µs right after a training step.
+        message = (f'{{"op":"step","slot":{slot},"step":{self._step},"loss":'
+                   f'{_json_number(_finite(loss))},"time":{time.time():.3f}')
+        if lr is not None:
+            message += f',"lr":[{",".join(map(_json_number, lr))}]'
+        if interval is not None:
+            message += f',"interval":[{",".join(_json_number(_finite(v)) for v in interval)}]'
+        w.send(message + "}", slot, self._raise_writer_error)
         self._last_recorded = self._step
-
-    def _put(self, item: _Snapshot | None) -> None:
-        # Blocks only while the queue is full; a dead writer must not hang training.
-        while True:
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                if not self._writer.is_alive():
-                    self._raise_writer_error()
-                    raise RecorderError(
-                        f"the background writer of {self.path} stopped") from None
 
     def _finish(self, record_final: bool, raise_error: bool) -> None:
         if self._writer is None or self._closed:
             return
         try:
-            if (record_final and self._writer.error is None
+            if (record_final and self._writer.error is None and not self._error_raised
                     and self._step != self._last_recorded):
                 self._submit(self._last_loss, self._last_lr,
                              self._take_interval())
@@ -247,77 +243,9 @@ class Recorder:
                 handle.remove()
             if self._atexit is not None:
                 atexit.unregister(self._atexit)
-            if self._writer.is_alive():
-                self._queue.put(None)        # the writer drains, so this cannot block forever
-                self._writer.join()
+            self._writer.close()
         if raise_error and not self._error_raised:
             self._raise_writer_error()
-
-
-class _Writer(threading.Thread):
-    """Consumes snapshots: writes keyframe/delta/state files, then the manifest (atomically)."""
-
-    def __init__(self, root: str, manifest: ManifestWriter, mode: str, keyframe_every: int,
-                 q: queue.Queue, params: FlatLayout, state: FlatLayout):
-        super().__init__(name="lca-recorder-writer", daemon=True)
-        self.root, self.manifest, self.mode, self.keyframe_every, self.q = (
-            root, manifest, mode, keyframe_every, q)
-        self.params, self.state = params, state
-        self.error: BaseException | None = None
-        self.failed_step: int | None = None
-        self.last_complete: int | None = None
-        self._prev: _Snapshot | None = None
-        self._last_key: int | None = None
-
-    def run(self) -> None:
-        item = None
-        try:
-            while (item := self.q.get()) is not None:
-                self._record(item)
-        except BaseException as err:  # surfaced in the training thread as RecorderError
-            self.error, self.failed_step = err, item.step if item is not None else None
-            while self.q.get() is not None:   # keep draining so producers never block
-                pass
-
-    def _write(self, role: str, step: int, tensors: Tensors, entry: dict, **meta) -> None:
-        rel = file_name(role, step)
-        data = to_safetensors(tensors, {"format": "lca-replay-1", "step": str(step),
-                                        **{k: str(v) for k, v in meta.items()}})
-        write_atomic(self.root, rel, data)
-        entry["files"][role] = rel
-        entry["sha256"][rel] = hashlib.sha256(data).hexdigest()
-        entry["bytes"][rel] = len(data)
-
-    def _record(self, snap: _Snapshot) -> None:
-        t, prev = snap.step, self._prev
-        keyframe = (self.mode == "full" or self._last_key is None
-                    or t - self._last_key >= self.keyframe_every)
-        if prev is not None and self.mode == "delta":
-            # Also written when t gets a keyframe: `lca verify` then checks that the deltas
-            # rebuild each keyframe bit for bit (costs 1/keyframe_every of the store).
-            self._write("delta", prev.step, self.params.encode_delta(prev.params, snap.params),
-                        self.manifest.entries[-1], next=t)
-            self.manifest.refresh_last()
-        entry = {"step": t, "files": {}, "sha256": {}, "bytes": {}}
-        if keyframe:
-            self._write("keyframe", t, self.params.split(snap.params), entry)
-            state = self.state.split(snap.state)
-        else:   # only the state tensors whose bytes changed since the previous recorded step
-            state = self.state.split(snap.state, self.state.changed(prev.state, snap.state))
-        if state:
-            self._write("state", t, state, entry, full=int(keyframe))
-        entry["loss"] = _finite(snap.loss)
-        entry["lr"] = snap.lr
-        entry["time"] = round(snap.time, 3)
-        if snap.interval_losses is not None:
-            entry["interval_losses"] = [_finite(v) for v in snap.interval_losses]
-        self.manifest.append(entry)
-        # No directory fsync for the manifest: if a power loss undoes this rename, the previous
-        # manifest is still whole and consistent, only this step is lost.
-        write_atomic(self.root, MANIFEST, self.manifest.text().encode(), sync_dir=False)
-        self._prev, self.last_complete = snap, t
-        if keyframe:
-            self._last_key = t
 
 
 # ---------------------------------------------------------------------- helpers
@@ -329,7 +257,10 @@ def _loss_value(loss: Any) -> Any:
         if loss.numel() != 1:
             raise RecorderError(f"loss must be a float or a 1-element tensor, got shape "
                                 f"{tuple(loss.shape)}")
-        return loss.detach().to("cpu", copy=True)   # .item() happens in the writer
+        if loss.device.type == "cpu":
+            return float(loss.item())
+        # On an accelerator .item() would wait for the device: read it when the step is recorded
+        return loss.detach().to("cpu", copy=True)
     return float(loss)
 
 
@@ -339,6 +270,12 @@ def _finite(value: Any) -> float | None:
         return None
     value = float(value.item() if isinstance(value, torch.Tensor) else value)
     return value if value == value and abs(value) != float("inf") else None
+
+
+def _json_number(value: float | None) -> str:
+    # repr of a finite float is valid JSON; strict JSON has no NaN/inf: those become null.
+    return "null" if value is None or value != value or abs(value) == float("inf") else repr(
+        float(value))
 
 
 def _float(value: Any) -> float:

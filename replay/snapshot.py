@@ -22,6 +22,16 @@ from replay.errors import RecorderError
 
 Flats = dict[torch.dtype, torch.Tensor]
 
+# Format-2 delta file keys per dtype group, and the codec suffix each one carries.
+_FLAT_KEYS = (("delta", ""), ("fix_idx", FIX_IDX), ("fix_val", FIX_VAL))
+
+
+class Buffers:
+    """Reusable snapshot buffers of a :class:`FlatLayout`: flat per dtype, plus views per tensor."""
+
+    def __init__(self, flats: Flats, views: dict[torch.dtype, list[torch.Tensor]]):
+        self.flats, self.views = flats, views
+
 
 class FlatLayout:
     """Where each named tensor lives: dtype group, [start, end) in that group's flat buffer."""
@@ -41,16 +51,37 @@ class FlatLayout:
         self._bounds = {d: torch.tensor([self.place[n][1] for n in names] + [sizes[d]])
                         for d, names in self.groups.items()}
 
-    def gather(self, tensors: Mapping[str, torch.Tensor]) -> Flats:
-        """A fresh CPU copy of ``tensors`` (checked by the caller): one 1-D buffer per dtype."""
+    def gather(self, tensors: Mapping[str, torch.Tensor], into: Buffers | None = None) -> Flats:
+        """A CPU copy of ``tensors`` (checked by the caller): one 1-D buffer per dtype.
+
+        With ``into`` (see :meth:`buffers`), CPU tensors are copied into its reused buffers
+        by one ``_foreach_copy_`` per dtype: no allocation, and one dispatch for all tensors.
+        """
         flats = {}
         for dtype, names in self.groups.items():
-            parts = [tensors[n].detach().reshape(-1) for n in names]
+            parts = [tensors[n] for n in names]
+            if into is not None and parts and parts[0].is_cpu:   # others: _foreach_copy_ copes
+                with torch.no_grad():
+                    torch._foreach_copy_(into.views[dtype], parts)
+                flats[dtype] = into.flats[dtype]
+                continue
+            parts = [p.detach().reshape(-1) for p in parts]
             if len({p.device for p in parts}) > 1:      # model split across devices
                 parts = [p.to("cpu") for p in parts]
             flat = torch.cat(parts)                     # always a new tensor: the snapshot
             flats[dtype] = flat if flat.device.type == "cpu" else flat.to("cpu")
         return flats
+
+    def buffers(self, flats: Flats | None = None) -> Buffers:
+        """Snapshot buffers for :meth:`gather` (fresh, or the given flat ones), with views."""
+        if flats is None:
+            flats = {d: torch.empty(self.size(d), dtype=d) for d in self.groups}
+        views = self.split(flats)
+        return Buffers(flats, {d: [views[n] for n in names] for d, names in self.groups.items()})
+
+    def size(self, dtype: torch.dtype) -> int:
+        """Number of elements in the flat buffer of ``dtype``."""
+        return int(self._bounds[dtype][-1])
 
     def split(self, flats: Flats, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Views ``name -> tensor`` (recorded shape) into ``flats``; no copy."""
@@ -61,16 +92,47 @@ class FlatLayout:
         return out
 
     def encode_delta(self, prev: Flats, nxt: Flats) -> dict[str, torch.Tensor]:
-        """The tensors of a delta file (see :mod:`replay.codec`), encoded per dtype buffer."""
+        """The tensors of a format-2 delta file: per dtype group ``D`` (e.g. ``float32``),
+        ``delta.D`` (the group's flat Δ, see :mod:`replay.codec`) and, where some element needs
+        one, ``fix_idx.D`` / ``fix_val.D`` (flat indices into the group, exact values)."""
+        out: dict[str, torch.Tensor] = {}
+        for dtype in self.groups:
+            enc = encode_delta({"flat": prev[dtype]}, {"flat": nxt[dtype]})
+            for key, suffix in _FLAT_KEYS:
+                if "flat" + suffix in enc:
+                    out[f"{key}.{DTYPE_NAMES[dtype]}"] = enc["flat" + suffix]
+        return out
+
+    def decode_delta(self, payload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | str:
+        """A format-2 delta file as the per-parameter payload that :func:`codec.apply_delta`
+        takes (views, no copy), or a one-line description of what is wrong with it."""
+        known = {f"{key}.{DTYPE_NAMES[d]}" for d in self.groups for key, _ in _FLAT_KEYS}
+        extra = sorted(set(payload) - known)
+        if extra:
+            return f"holds unexpected tensor(s) {', '.join(map(repr, extra[:3]))}"
         out: dict[str, torch.Tensor] = {}
         for dtype, names in self.groups.items():
-            enc = encode_delta({"flat": prev[dtype]}, {"flat": nxt[dtype]})
-            out.update(self.split({dtype: enc["flat"]}, names))
-            idx = enc.get("flat" + FIX_IDX)
+            tag = DTYPE_NAMES[dtype]
+            delta = payload.get(f"delta.{tag}")
+            size = int(self._bounds[dtype][-1])
+            if delta is None:
+                return f"has no tensor 'delta.{tag}' for its {tag} parameters"
+            if delta.dim() != 1 or delta.numel() != size:
+                return f"tensor 'delta.{tag}' has shape {tuple(delta.shape)}, expected ({size},)"
+            out.update(self.split({dtype: delta}, names))
+            idx, val = payload.get(f"fix_idx.{tag}"), payload.get(f"fix_val.{tag}")
+            if (idx is None) != (val is None):
+                return f"has only one of 'fix_idx.{tag}' and 'fix_val.{tag}'"
             if idx is None:
                 continue
-            val, bounds = enc["flat" + FIX_VAL], self._bounds[dtype]
-            # idx is ascending (nonzero order): cut it at the tensor boundaries.
+            if idx.dtype != torch.int64 or idx.dim() != 1 or tuple(val.shape) != tuple(idx.shape):
+                return f"correction of the {tag} parameters has wrong dtype or shape"
+            if idx.numel() and (bool((idx[1:] <= idx[:-1]).any()) or int(idx[0]) < 0
+                                or int(idx[-1]) >= size):
+                return (f"correction of the {tag} parameters is not ascending within their "
+                        f"{size} elements")
+            bounds = self._bounds[dtype]
+            # idx is ascending: cut it at the tensor boundaries.
             cuts = torch.searchsorted(idx, bounds).tolist()
             for i, name in enumerate(names):
                 a, b = cuts[i], cuts[i + 1]
@@ -153,6 +215,51 @@ def resolve(name: str, slot: tuple, spec: tuple, step: int) -> torch.Tensor:
             "into a new path")
     return tensor
 
+
+class Snapshotter:
+    """Copies a model's recorded tensors into snapshot buffers at every step, cheaply.
+
+    The tensors are looked up again each step (a module's tensor may be replaced), reading the
+    module's ``_parameters`` / ``_buffers`` dict directly: ``nn.Module.__getattr__`` costs
+    about a microsecond per tensor. When every tensor has the same storage address and shape as
+    at the previous step (so flat views made then still show it), and all are contiguous CPU
+    tensors, one ``torch.cat`` per dtype into the buffer copies them all; otherwise each tensor goes through
+    :func:`resolve`, which accepts it or raises its one-line error, and :meth:`FlatLayout.gather`.
+    """
+
+    def __init__(self, entries: list[tuple], layout: FlatLayout):
+        self.entries = [(name, slot, spec) for name, slot, spec, *_ in entries]
+        self.layout = layout
+        self._tables = [module._parameters if attr in module._parameters else module._buffers
+                        for _, (module, attr), _ in self.entries]
+        self._attrs = [attr for _, (_, attr), _ in self.entries]
+        self._marks: list | None = None         # (data_ptr, shape) per tensor, when cacheable
+        self._flat: dict[torch.dtype, list[torch.Tensor]] = {}
+
+    def copy(self, step: int, into: Buffers) -> Flats:
+        """θ_step (or the state) copied into ``into``; returns the flat buffers holding it."""
+        try:
+            marks = [(t.data_ptr(), t.shape) for t in map(dict.get, self._tables, self._attrs)]
+        except AttributeError:    # a tensor left its module's dict: resolve() sorts it out
+            marks = None
+        if marks is not None and marks == self._marks:
+            with torch.no_grad():
+                for dtype, parts in self._flat.items():
+                    torch.cat(parts, out=into.flats[dtype])
+            return into.flats
+        tensors = {name: resolve(name, slot, spec, step) for name, slot, spec in self.entries}
+        self._cache(tensors)
+        return self.layout.gather(tensors, into)
+
+    def _cache(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._marks = None
+        found = [table.get(attr) for table, attr in zip(self._tables, self._attrs)]
+        if any(a is not b for a, b in zip(found, tensors.values())) or not all(
+                t.is_cpu and t.is_contiguous() for t in found):
+            return
+        self._marks = [(t.data_ptr(), t.shape) for t in found]
+        self._flat = {dtype: [tensors[n].detach().view(-1) for n in names]
+                      for dtype, names in self.layout.groups.items()}
 
 
 def _numel(shape: tuple[int, ...]) -> int:

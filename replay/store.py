@@ -1,9 +1,10 @@
-"""Reading a trajectory store (format v1, DESIGN §2): θ_t at every recorded step, bit-exact.
+"""Reading a trajectory store (formats 1 and 2, DESIGN §2): θ_t at every recorded step, bit-exact.
 
 A store is a directory or fsspec URL with ``manifest.json`` (see :mod:`replay.manifest`),
 ``keyframes/`` (full θ_t), ``deltas/`` (Δ to the next recorded step plus sparse corrections,
-see :mod:`replay.codec`) and ``state/`` (frozen parameters and buffers). Only safetensors and
-JSON are read, whole files at a time, each checked against its sha256 and size in the manifest.
+see :mod:`replay.codec`; one flat tensor per dtype group in format 2, one per parameter in 1)
+and ``state/`` (frozen parameters and buffers). Only safetensors and JSON are read, whole files
+at a time, each checked against its sha256 and size in the manifest.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from replay.codec import (
 )
 from replay.errors import TrajectoryError
 from replay.manifest import FORMAT_VERSION, MANIFEST, Source, read_manifest
+from replay.snapshot import FlatLayout
 
 __all__ = ["FORMAT_VERSION", "Trajectory", "open_trajectory"]
 
@@ -60,6 +62,8 @@ class Trajectory:
         self.steps = [e["step"] for e in m["steps"]]
         self.keyframe_steps = [e["step"] for e in m["steps"] if "keyframe" in e["files"]]
         self._param_shapes = {n: self.shapes[n] for n in self.names}
+        self.format_version = m["format_version"]
+        self._layout = FlatLayout([(n, self.shapes[n], self.dtypes[n]) for n in self.names])
         self._state_shapes = {n: self.shapes[n] for n in self.state_names}
         self._cache: tuple[int, Tensors, Tensors] | None = None   # last reconstructed step
 
@@ -144,7 +148,10 @@ class Trajectory:
         if meta.get("step") not in (None, str(step)):
             problem = f"belongs to step {meta['step']}, not {step}"
         elif role == "delta":
-            problem = check_delta_payload(tensors, self._param_shapes, self.dtypes)
+            if self.format_version >= 2:      # one flat Δ per dtype group, cut per parameter
+                tensors = self._layout.decode_delta(tensors)
+            problem = (tensors if isinstance(tensors, str)
+                       else check_delta_payload(tensors, self._param_shapes, self.dtypes))
         elif role == "keyframe":
             problem = check_tensors(tensors, self._param_shapes, self.dtypes, complete=True)
         else:

@@ -37,14 +37,14 @@ def assert_same_bits(a: dict, b: dict) -> None:
 
 def fix_counts(path) -> dict[str, int]:
     """Parameter name -> number of corrected elements over all delta files of a store."""
-    counts: dict[str, int] = {}
-    for fname in os.listdir(os.path.join(path, "deltas")):
-        with open(os.path.join(path, "deltas", fname), "rb") as f:
-            tensors = safetensors.torch.load(f.read())
-        for key, t in tensors.items():
+    traj, counts = open_trajectory(path), {}
+    for t in traj.steps:
+        if "delta" not in traj._entries[t]["files"]:
+            continue
+        for key, idx in traj._load(t, "delta").items():   # decoded: cut per parameter
             if key.endswith("::fix_idx"):
                 name = key.removesuffix("::fix_idx")
-                counts[name] = counts.get(name, 0) + t.numel()
+                counts[name] = counts.get(name, 0) + idx.numel()
     return counts
 
 
@@ -248,7 +248,7 @@ def test_verify_catches_a_delta_that_does_not_rebuild_the_keyframe(store, tmp_pa
     path = copy_store(store[0], tmp_path / "c")
     rel = "deltas/step-00000010.safetensors"
     tensors = safetensors.torch.load(open(os.path.join(path, rel), "rb").read())
-    tensors["0.weight"][0, 0] += 1e-3
+    tensors["delta.float32"][0] += 1e-3       # the first element of 0.weight
     data = safetensors.torch.save(tensors, metadata={"step": "10"})
     open(os.path.join(path, rel), "wb").write(data)
     manifest = json.load(open(os.path.join(path, "manifest.json")))
@@ -271,8 +271,8 @@ def test_missing_file_and_bad_manifests_are_one_line_errors(store, tmp_path):
     manifest = json.load(open(mpath))
     manifest["format_version"] = FORMAT_VERSION + 1
     json.dump(manifest, open(mpath, "w"))
-    with pytest.raises(TrajectoryError, match=r"manifest\.json: format_version 2 is not "
-                                              r"supported by lca-replay .* reads format 1"):
+    with pytest.raises(TrajectoryError, match=r"manifest\.json: format_version 3 is not "
+                                              r"supported by lca-replay .* reads formats 1, 2"):
         open_trajectory(path)
     open(mpath, "w").write('{"format_version": 1, "params": [')
     with pytest.raises(TrajectoryError, match=r"manifest\.json is not valid JSON \(.*line 1"):
@@ -285,3 +285,17 @@ def test_missing_file_and_bad_manifests_are_one_line_errors(store, tmp_path):
     with pytest.raises(TrajectoryError, match=r"no trajectory at .*nowhere: manifest\.json "
                                               r"not found"):
         open_trajectory(tmp_path / "nowhere")
+
+
+def test_format_1_stores_are_still_read_bit_exact():
+    # tests/data/store-v1 was recorded by lca-replay 0.1 (one Δ tensor per parameter, float32
+    # and float64 parameters, a buffer, corrections); the live parameters of that run are in
+    # store-v1-params.safetensors as "step/name".
+    data = os.path.join(os.path.dirname(__file__), "data")
+    traj = open_trajectory(os.path.join(data, "store-v1"))
+    assert traj.format_version == 1 and traj.manifest["lca_replay_version"] == "0.1.0"
+    traj.verify()
+    assert sum(fix_counts(os.path.join(data, "store-v1")).values()) > 0
+    expected = safetensors.torch.load_file(os.path.join(data, "store-v1-params.safetensors"))
+    for t, params, _ in traj.walk(1):
+        assert_same_bits(params, {n: expected[f"{t}/{n}"] for n in traj.names})

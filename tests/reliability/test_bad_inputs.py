@@ -122,9 +122,9 @@ def test_bit_flip_later_keeps_the_steps_done_and_resumes(clean, store, tmp_path,
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (lambda m: m.update(format_version=2),
-     r"manifest\.json: format_version 2 is not supported by lca-replay \S+ \(it reads format "
-     r"1\); use the lca-replay version that recorded it$"),
+    (lambda m: m.update(format_version=3),
+     r"manifest\.json: format_version 3 is not supported by lca-replay \S+ \(it reads formats "
+     r"1, 2\); use the lca-replay version that recorded it$"),
     (lambda m: m["params"][0].update(shape="x"),
      r"manifest\.json: params\[0\] needs a name, a shape and one of the dtypes"),
     (lambda m: m.pop("steps"), r"manifest\.json: missing key 'steps'"),
