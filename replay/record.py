@@ -215,10 +215,8 @@ class Recorder:
         w = self._writer
         slot = w.take_slot(self._raise_writer_error)
         params, state = w.buffers[slot]
-        for copier, bufs in ((self._param_copy, params), (self._state_copy, state)):
-            for dtype, flat in copier.copy(self._step, bufs).items():
-                if flat is not bufs.flats[dtype]:    # gathered on a device: one more copy
-                    bufs.flats[dtype].copy_(flat)
+        self._param_copy.copy(self._step, params)
+        self._state_copy.copy(self._step, state)
         # Formatted by hand: json.dumps of this dict costs ~50 µs right after a training step.
         message = (f'{{"op":"step","slot":{slot},"step":{self._step},"loss":'
                    f'{_json_number(_finite(loss))},"time":{time.time():.3f}')

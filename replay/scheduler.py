@@ -160,12 +160,21 @@ def executor(scheduler, *, threads: int = 1, device: str = "cpu",
         def run_dask(fn, spec, pieces) -> Iterator[dict]:
             from distributed import as_completed
 
-            try:  # task slots now; a batch-system cluster may still be starting (0)
-                slots = sum(client.nthreads().values())
+            try:  # task slots now; a batch-system cluster may still be starting (none)
+                slots = [addr for addr, n in sorted(client.nthreads().items())
+                         for _ in range(n)]
             except Exception:  # an unreachable scheduler fails just below, with its own error
-                slots = 0
-            futures = [client.submit(_with_threads, fn, spec, i0, i1, threads, pure=False)
-                       for i0, i1 in lane_order(pieces, slots)]
+                slots = []
+            # Each lane is pinned to its slot's worker, loosely: Dask otherwise tends to, but
+            # need not, give a worker the piece after its own (measured: 51 evaluations instead
+            # of 50 for 4 pieces on 2 workers); a lost worker's pieces still run elsewhere.
+            # Explicit priorities keep each lane in order: tasks submitted within Dask's
+            # fifo_timeout share one, and a worker then runs them in no particular order.
+            order = lane_order(pieces, len(slots))
+            futures = [client.submit(_with_threads, fn, spec, i0, i1, threads, pure=False,
+                                     workers=[slots[lane]] if slots else None,
+                                     allow_other_workers=bool(slots), priority=len(order) - k)
+                       for k, ((i0, i1), lane) in enumerate(order)]
             try:
                 for future in as_completed(futures):
                     yield future.result()
@@ -180,19 +189,19 @@ def executor(scheduler, *, threads: int = 1, device: str = "cpu",
                 thing.close()
 
 
-def lane_order(pieces: list[tuple[int, int]], workers: int) -> list[tuple[int, int]]:
-    """Pieces in submission order: one contiguous lane per task slot, taken round-robin.
+def lane_order(pieces: list[tuple[int, int]], workers: int) -> list[tuple[tuple[int, int], int]]:
+    """(piece, lane) in submission order: one contiguous lane per task slot, taken round-robin.
 
-    Dask hands out tasks roughly in submission order, so with W slots each one tends to
-    get the next piece of its own lane: the piece starting where its previous piece ended,
-    whose first gradient it already holds (see ``worker._Carry``). Only the order changes;
-    results do not depend on it.
+    A slot that runs its own lane in order gets, each time, the piece starting where its
+    previous piece ended, whose first gradient it already holds (see ``worker._Carry``). Only
+    the order and placement change; results do not depend on them.
     """
     if workers < 2 or len(pieces) <= workers:
-        return list(pieces)
+        return [(piece, i % max(workers, 1)) for i, piece in enumerate(pieces)]
     bounds = [round(k * len(pieces) / workers) for k in range(workers + 1)]
     lanes = [pieces[a:b] for a, b in zip(bounds, bounds[1:])]
-    return [lane[i] for i in range(max(map(len, lanes))) for lane in lanes if i < len(lane)]
+    return [(lane[i], k) for i in range(max(map(len, lanes)))
+            for k, lane in enumerate(lanes) if i < len(lane)]
 
 
 def _with_threads(fn, spec, i0, i1, threads):

@@ -54,8 +54,9 @@ class FlatLayout:
     def gather(self, tensors: Mapping[str, torch.Tensor], into: Buffers | None = None) -> Flats:
         """A CPU copy of ``tensors`` (checked by the caller): one 1-D buffer per dtype.
 
-        With ``into`` (see :meth:`buffers`), CPU tensors are copied into its reused buffers
-        by one ``_foreach_copy_`` per dtype: no allocation, and one dispatch for all tensors.
+        With ``into`` (see :meth:`buffers`) the copy lands in its reused buffers: CPU tensors
+        by one ``_foreach_copy_`` per dtype (no allocation, one dispatch for all tensors),
+        tensors on an accelerator concatenated there and moved in one transfer.
         """
         flats = {}
         for dtype, names in self.groups.items():
@@ -68,8 +69,11 @@ class FlatLayout:
             parts = [p.detach().reshape(-1) for p in parts]
             if len({p.device for p in parts}) > 1:      # model split across devices
                 parts = [p.to("cpu") for p in parts]
-            flat = torch.cat(parts)                     # always a new tensor: the snapshot
-            flats[dtype] = flat if flat.device.type == "cpu" else flat.to("cpu")
+            flat = torch.cat(parts)          # on the device: then one transfer to the host
+            if into is not None:
+                flats[dtype] = into.flats[dtype].copy_(flat)
+            else:
+                flats[dtype] = flat if flat.device.type == "cpu" else flat.to("cpu")
         return flats
 
     def buffers(self, flats: Flats | None = None) -> Buffers:

@@ -139,6 +139,17 @@ def test_same_cube_for_any_chunking_and_scheduler(store, tmp_path):
             assert np.array_equal(base[var].values, other[var].values), var
 
 
+def test_each_worker_runs_its_own_lane_of_pieces_in_order(store, tmp_path, capsys):
+    # 12 Simpson steps in 4 pieces on 2 workers: a lane of 2 pieces each, pinned to its worker
+    # and run in order, so only each lane's first point is evaluated cold: 2 × 12 + 2.
+    kw = dict(task=TASK, progress=True, chunk_size=3, datasets=["train"])   # prints the summary
+    capsys.readouterr()
+    replay.run(store, out=str(tmp_path / "a.zarr"), scheduler="local:2", **kw)
+    assert "(26 gradient evaluations" in capsys.readouterr().err
+    replay.run(store, out=str(tmp_path / "b.zarr"), scheduler="threads:1", **kw)
+    assert "(25 gradient evaluations" in capsys.readouterr().err
+
+
 def test_resume_fills_only_missing_steps(store, tmp_path):
     kw = dict(task=TASK, precision="float64", scheduler="sync", progress=False, chunk_size=4)
     whole = replay.run(store, out=str(tmp_path / "whole.zarr"), **kw)
