@@ -62,9 +62,12 @@ class WriterProcess:
         self.last_complete: int | None = None
         self.ended = self.closing = self.ready = False
         self._pending = b""
-        self.send({"root": root, "header": header, "mode": mode, "keyframe_every": keyframe_every,
-                   "slots": slots, "set_bytes": set_bytes, "fd": fd, "params": groups_p,
-                   "state": groups_s}, None, None)
+        try:
+            self.send({"root": root, "header": header, "mode": mode,
+                       "keyframe_every": keyframe_every, "slots": slots, "set_bytes": set_bytes,
+                       "fd": fd, "params": groups_p, "state": groups_s}, None, None)
+        except RecorderError:      # it exited at once: reported just below
+            pass
         # Wait until the process runs: a writer that cannot start fails here, not mid-training.
         deadline = time.monotonic() + 120
         while not self.ready and not self.ended and time.monotonic() < deadline:
