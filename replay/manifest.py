@@ -1,4 +1,4 @@
-"""manifest.json of a trajectory store (format v1): layout, validation, atomic writes, file access.
+"""manifest.json of a trajectory store (formats 1 and 2): layout, validation, atomic writes, file access.
 
 The manifest is the table of contents: a file that it does not list does not exist for a
 reader, which is what makes crash-safety simple (data files are written and synced first, the

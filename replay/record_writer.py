@@ -223,6 +223,12 @@ def main() -> int:
     # Ctrl-C reaches the whole process group: the Recorder decides when writing stops, and
     # after the training process dies (end of file on stdin) the queued steps are still written.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Background work: where it has to share a core with training, training should win. When
+    # the writer falls behind, training waits for a free buffer, which gives the writer the core.
+    try:
+        os.nice(10)
+    except OSError:
+        pass
     out_fd = sys.stdout.fileno()
     sys.stdout = sys.stderr            # nothing else may write into the message pipe
 

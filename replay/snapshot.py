@@ -5,8 +5,8 @@
 
 The recorder copies the model once per recorded step. Gathering with one ``torch.cat`` per
 dtype (then one device-to-host copy) instead of a copy per tensor, and encoding one flat
-buffer instead of hundreds of small tensors, keeps the per-step cost independent of how many
-tensors a model has: the writer thread then holds the GIL for a few torch calls, not thousands.
+buffer instead of hundreds of small tensors, keeps the per-step cost nearly independent of how
+many tensors a model has.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ import torch
 from tests.helpers_record import make_model, train
 
 from replay.cli import main
-from replay.codec import apply_delta, bits, encode_delta, header_metadata, to_safetensors
+from replay.codec import DTYPE_NAMES, apply_delta, bits, encode_delta, header_metadata
+from replay.record_writer import to_safetensors
 from replay.errors import TrajectoryError
 from replay.record import Recorder
 from replay.store import FORMAT_VERSION, open_trajectory
@@ -94,7 +95,10 @@ def test_own_safetensors_writer_is_read_by_safetensors():
         "scalar": torch.tensor(42), "empty": torch.zeros(0, 3),
         "strided": torch.randn(4, 6, generator=g).t(),
     }
-    data = to_safetensors(tensors, {"step": "7"})
+    # The writer process's serialiser works on numpy arrays (bfloat16 as raw 16 bits).
+    arrays = {k: (v.view(torch.int16).numpy() if v.dtype == torch.bfloat16 else v.numpy(),
+                  DTYPE_NAMES[v.dtype], list(v.shape)) for k, v in tensors.items()}
+    data = b"".join(to_safetensors(arrays, {"step": "7"}))
     loaded = safetensors.torch.load(data)
     assert loaded.keys() == tensors.keys()
     for k, v in tensors.items():
@@ -299,3 +303,11 @@ def test_format_1_stores_are_still_read_bit_exact():
     expected = safetensors.torch.load_file(os.path.join(data, "store-v1-params.safetensors"))
     for t, params, _ in traj.walk(1):
         assert_same_bits(params, {n: expected[f"{t}/{n}"] for n in traj.names})
+
+
+def test_dtype_tables_agree():
+    # manifest.py (torch-free, read by the writer process) and codec.py name the same dtypes.
+    from replay import codec, manifest
+
+    assert tuple(codec.PARAM_DTYPES) == manifest.PARAM_DTYPES
+    assert tuple(codec.STATE_DTYPES) == manifest.STATE_DTYPES
