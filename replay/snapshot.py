@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from replay.codec import (
-    DTYPE_NAMES, FIX_IDX, FIX_VAL, PARAM_DTYPES, STATE_DTYPES, bits, encode_delta,
+    DTYPE_NAMES, FIX_IDX, FIX_VAL, PARAM_DTYPES, STATE_DTYPES,
 )
 from replay.errors import RecorderError
 
@@ -95,21 +95,15 @@ class FlatLayout:
             out[name] = flats[dtype][start:end].view(shape)
         return out
 
-    def encode_delta(self, prev: Flats, nxt: Flats) -> dict[str, torch.Tensor]:
-        """The tensors of a format-2 delta file: per dtype group ``D`` (e.g. ``float32``),
-        ``delta.D`` (the group's flat Δ, see :mod:`replay.codec`) and, where some element needs
-        one, ``fix_idx.D`` / ``fix_val.D`` (flat indices into the group, exact values)."""
-        out: dict[str, torch.Tensor] = {}
-        for dtype in self.groups:
-            enc = encode_delta({"flat": prev[dtype]}, {"flat": nxt[dtype]})
-            for key, suffix in _FLAT_KEYS:
-                if "flat" + suffix in enc:
-                    out[f"{key}.{DTYPE_NAMES[dtype]}"] = enc["flat" + suffix]
-        return out
-
     def decode_delta(self, payload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | str:
         """A format-2 delta file as the per-parameter payload that :func:`codec.apply_delta`
-        takes (views, no copy), or a one-line description of what is wrong with it."""
+        takes (views, no copy), or a one-line description of what is wrong with it.
+
+        Per dtype group ``D`` (e.g. ``float32``) the file holds ``delta.D``, the group's flat Δ
+        (the parameters of that dtype concatenated in manifest order, encoded as in
+        :mod:`replay.codec`) and, where some element needs one, ``fix_idx.D`` / ``fix_val.D``:
+        ascending flat indices into the group and exact values. The writer is
+        :func:`replay.record_writer.encode`."""
         known = {f"{key}.{DTYPE_NAMES[d]}" for d in self.groups for key, _ in _FLAT_KEYS}
         extra = sorted(set(payload) - known)
         if extra:
@@ -144,16 +138,6 @@ class FlatLayout:
                     out[name + FIX_IDX] = idx[a:b] - int(bounds[i])
                     out[name + FIX_VAL] = val[a:b]
         return out
-
-    def changed(self, prev: Flats, nxt: Flats) -> list[str]:
-        """Names whose bytes differ between two snapshots, in layout order."""
-        hit: set[str] = set()
-        for dtype, names in self.groups.items():
-            where = (bits(prev[dtype]) != bits(nxt[dtype])).nonzero().reshape(-1)
-            if where.numel():
-                which = torch.searchsorted(self._bounds[dtype], where, right=True) - 1
-                hit.update(names[i] for i in torch.unique(which).tolist())
-        return [n for n in self.names if n in hit]
 
 
 def model_tensors(model: torch.nn.Module):

@@ -311,3 +311,30 @@ def test_dtype_tables_agree():
 
     assert tuple(codec.PARAM_DTYPES) == manifest.PARAM_DTYPES
     assert tuple(codec.STATE_DTYPES) == manifest.STATE_DTYPES
+
+
+def test_format_2_delta_files_are_checked_before_use():
+    from replay.snapshot import FlatLayout
+
+    layout = FlatLayout([("a", (2, 3), torch.float32), ("b", (4,), torch.float32),
+                         ("c", (2,), torch.float64)])
+    good = {"delta.float32": torch.zeros(10), "delta.float64": torch.zeros(2, dtype=torch.float64),
+            "fix_idx.float32": torch.tensor([1, 7]), "fix_val.float32": torch.tensor([5.0, 6.0])}
+    decoded = layout.decode_delta(good)
+    assert decoded["a"].shape == (2, 3) and decoded["c"].dtype == torch.float64
+    assert decoded["a::fix_idx"].tolist() == [1] and decoded["b::fix_idx"].tolist() == [1]
+    assert decoded["b::fix_val"].tolist() == [6.0]
+    bad = [
+        ({**good, "extra": torch.zeros(1)}, "holds unexpected tensor(s) 'extra'"),
+        ({k: v for k, v in good.items() if k != "delta.float64"},
+         "has no tensor 'delta.float64' for its float64 parameters"),
+        ({**good, "delta.float32": torch.zeros(9)},
+         "tensor 'delta.float32' has shape (9,), expected (10,)"),
+        ({k: v for k, v in good.items() if k != "fix_val.float32"},
+         "has only one of 'fix_idx.float32' and 'fix_val.float32'"),
+        ({**good, "fix_idx.float32": torch.tensor([7, 1])}, "is not ascending"),
+        ({**good, "fix_idx.float32": torch.tensor([1, 10])}, "is not ascending within their 10"),
+    ]
+    for payload, message in bad:
+        problem = layout.decode_delta(payload)
+        assert isinstance(problem, str) and message in problem, (message, problem)
