@@ -5,8 +5,8 @@ otherwise compete with the training loop for the GIL, which measured as +8% per 
 on the demo model even with a core to spare. The module imports numpy and the torch-free parts
 of the package only, so the process starts in about a tenth of a second.
 
-Run as ``python -m replay.record_writer``; the Recorder (``replay.record``) talks to it over
-pipes, one JSON object per line:
+Started by :class:`replay.writer_process.WriterProcess`, which calls :func:`main` and talks to
+it over pipes, one JSON object per line:
 
 - stdin, first line: the configuration (store root, manifest header, mode, keyframe interval,
   buffer layout); then ``{"op": "step", "slot", "step", "loss", "lr", "time", "interval"}``

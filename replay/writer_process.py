@@ -28,6 +28,12 @@ from replay.snapshot import Buffers, FlatLayout
 
 __all__ = ["WriterProcess"]
 
+# Not `-m`: that puts the working directory first on sys.path, where a user's own `replay`
+# package would shadow this one. The process imports this very copy of the package.
+_START = (f"import sys; sys.path.insert(0, "
+          f"{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}); "
+          "from replay.record_writer import main; sys.exit(main())")
+
 
 class WriterProcess:
     """The Recorder's end of the writer process: shared snapshot buffers, pipes, its reports."""
@@ -43,14 +49,9 @@ class WriterProcess:
             self.buffers = [(self._buffers(params, groups_p, CONTROL_BYTES + s * set_bytes),
                              self._buffers(state, groups_s, CONTROL_BYTES + s * set_bytes))
                             for s in range(slots)]
-            # The package's own location first: the process must import this very version.
-            package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-                [package_root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH")
-                                  else []))}
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "replay.record_writer"], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, pass_fds=(fd,), env=env)
+                [sys.executable, "-c", _START], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, pass_fds=(fd,))
         finally:
             os.close(fd)
         os.set_blocking(self.proc.stdout.fileno(), False)
@@ -75,7 +76,7 @@ class WriterProcess:
         if not self.ready:
             self.proc.kill()
             raise RecorderError(
-                f"the Recorder's writer process ({sys.executable} -m replay.record_writer) did "
+                f"the Recorder's writer process ({sys.executable}, replay.record_writer) did "
                 f"not start (exit status {self.proc.wait()}); its error is printed above")
 
     def _buffers(self, layout: FlatLayout, groups: list, base: int) -> Buffers:

@@ -76,7 +76,7 @@ def test_numpy_encoding_equals_the_torch_encoding_on_finite_values(dtype):
 
 def test_a_writer_that_cannot_start_is_a_one_line_error_and_creates_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "executable", "/bin/false")
-    with pytest.raises(RecorderError, match=r"writer process \(/bin/false -m replay\.record_writer"
+    with pytest.raises(RecorderError, match=r"writer process \(/bin/false, replay\.record_writer"
                                             r"\) did not start \(exit status 1\)"):
         Recorder(make_model(), tmp_path / "traj").start()
     assert not (tmp_path / "traj").exists()
@@ -103,3 +103,14 @@ def test_the_writer_finishes_queued_steps_after_close_and_exits(tmp_path):
     traj = open_trajectory(tmp_path / "traj")
     assert traj.steps == list(range(31))
     traj.verify()
+
+
+def test_a_replay_package_in_the_working_directory_does_not_shadow_the_writer(tmp_path,
+                                                                             monkeypatch):
+    (tmp_path / "replay").mkdir()
+    (tmp_path / "replay" / "__init__.py").write_text("raise ImportError('not lca-replay')\n")
+    monkeypatch.chdir(tmp_path)
+    model = make_model()
+    with Recorder(model, tmp_path / "traj") as rec:
+        train(model, 3, [rec])
+    assert open_trajectory(tmp_path / "traj").steps == [0, 1, 2, 3]
