@@ -93,7 +93,9 @@ class WriterProcess:
         if not isinstance(message, str):
             message = json.dumps(message)
         try:
-            os.write(self.proc.stdin.fileno(), (message + "\n").encode())
+            data = memoryview((message + "\n").encode())
+            while data:        # a line longer than the pipe's buffer may go out in parts
+                data = data[os.write(self.proc.stdin.fileno(), data):]
             if slot is not None:
                 self._sent.append(slot)
         except (BrokenPipeError, ValueError):

@@ -114,3 +114,15 @@ def test_a_replay_package_in_the_working_directory_does_not_shadow_the_writer(tm
     with Recorder(model, tmp_path / "traj") as rec:
         train(model, 3, [rec])
     assert open_trajectory(tmp_path / "traj").steps == [0, 1, 2, 3]
+
+
+def test_many_tensors_and_long_loss_lists_pass_through_the_pipe(tmp_path):
+    # The configuration line (every tensor's name and shape) and the interval losses of
+    # every=k are longer than a pipe's 64 KiB buffer here.
+    model = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(1500))
+    with Recorder(model, tmp_path / "traj", every=5000) as rec:
+        for _ in range(5000):
+            rec.step(loss=0.123456789012345)
+    traj = open_trajectory(tmp_path / "traj")
+    assert traj.steps == [0, 5000] and len(traj.names) == 3000
+    assert traj.manifest["steps"][1]["interval_losses"] == [0.123456789012345] * 5000
