@@ -40,6 +40,9 @@ class Recorder:
     ones once, aliases kept); frozen parameters and persistent buffers are saved as state.
     ``every=k`` records steps that are multiples of k (``close()`` adds the final step);
     ``keyframe_every`` bounds how far a reader walks; ``mode="full"`` stores θ at every step.
+    ``queue_size`` steps may wait for the writer process; the shared memory holds up to
+    ``queue_size + 2`` snapshots (each the size of the recorded tensors) and keeps what it
+    once used, so lower it for a model whose parameters fill a large part of host memory.
     """
 
     def __init__(self, model: torch.nn.Module, path: str | os.PathLike, task: Any = None,
