@@ -218,8 +218,12 @@ class Recorder:
         w = self._writer
         slot = w.take_slot(self._raise_writer_error)
         params, state = w.buffers[slot]
-        self._param_copy.copy(self._step, params)
-        self._state_copy.copy(self._step, state)
+        try:
+            self._param_copy.copy(self._step, params)
+            self._state_copy.copy(self._step, state)
+        except BaseException:      # e.g. a changed shape: the buffer was not handed over
+            w.free.append(slot)
+            raise
         # Formatted by hand: json.dumps of this dict costs ~50 µs right after a training step.
         message = (f'{{"op":"step","slot":{slot},"step":{self._step},"loss":'
                    f'{_json_number(_finite(loss))},"time":{time.time():.3f}')

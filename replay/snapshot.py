@@ -210,8 +210,8 @@ class Snapshotter:
     The tensors are looked up again each step (a module's tensor may be replaced), reading the
     module's ``_parameters`` / ``_buffers`` dict directly: ``nn.Module.__getattr__`` costs
     about a microsecond per tensor. When every tensor has the same storage address and shape as
-    at the previous step (so flat views made then still show it), and all are contiguous CPU
-    tensors, one ``torch.cat`` per dtype into the buffer copies them all; otherwise each tensor goes through
+    at the previous step and is still contiguous (so flat views made then still show it), and
+    all are CPU tensors, one ``torch.cat`` per dtype into the buffer copies them all; otherwise each tensor goes through
     :func:`resolve`, which accepts it or raises its one-line error, and :meth:`FlatLayout.gather`.
     """
 
@@ -221,13 +221,16 @@ class Snapshotter:
         self._tables = [module._parameters if attr in module._parameters else module._buffers
                         for _, (module, attr), _ in self.entries]
         self._attrs = [attr for _, (_, attr), _ in self.entries]
-        self._marks: list | None = None         # (data_ptr, shape) per tensor, when cacheable
+        # (data_ptr, shape, contiguous) per tensor, when cacheable: a square weight replaced by
+        # its own transpose keeps address and shape, not contiguity.
+        self._marks: list | None = None
         self._flat: dict[torch.dtype, list[torch.Tensor]] = {}
 
     def copy(self, step: int, into: Buffers) -> Flats:
         """θ_step (or the state) copied into ``into``; returns the flat buffers holding it."""
         try:
-            marks = [(t.data_ptr(), t.shape) for t in map(dict.get, self._tables, self._attrs)]
+            marks = [(t.data_ptr(), t.shape, t.is_contiguous())
+                     for t in map(dict.get, self._tables, self._attrs)]
         except AttributeError:    # a tensor left its module's dict: resolve() sorts it out
             marks = None
         if marks is not None and marks == self._marks:
@@ -245,7 +248,7 @@ class Snapshotter:
         if any(a is not b for a, b in zip(found, tensors.values())) or not all(
                 t.is_cpu and t.is_contiguous() for t in found):
             return
-        self._marks = [(t.data_ptr(), t.shape) for t in found]
+        self._marks = [(t.data_ptr(), t.shape, True) for t in found]
         self._flat = {dtype: [tensors[n].detach().view(-1) for n in names]
                       for dtype, names in self.layout.groups.items()}
 

@@ -138,6 +138,19 @@ def test_dtype_and_shape_changes_are_rejected_with_names(tmp_path):
                                                 r"\(4, 16\) to float32 \(5, 16\) at step 1"):
             rec.step()
         model[2].weight = torch.nn.Parameter(torch.zeros(4, 16))
+        train(model, 12, [rec])        # the refused step handed no buffer over: none is lost
+    assert open_trajectory(tmp_path / "b").steps[-1] == 13
+
+
+def test_a_weight_replaced_by_its_own_transpose_is_recorded_as_it_reads(tmp_path):
+    # Same storage, same (square) shape: only the layout tells the snapshot that it changed.
+    model = torch.nn.Linear(6, 6)
+    with Recorder(model, tmp_path / "t") as rec:
+        rec.step()
+        model.weight.data = model.weight.data.t()
+        rec.step()
+        expected = model.weight.detach().clone()
+    assert torch.equal(open_trajectory(tmp_path / "t").params(2)["weight"], expected)
 
 
 def test_refuses_to_overwrite_and_bad_arguments(tmp_path):
