@@ -211,8 +211,9 @@ class Snapshotter:
     module's ``_parameters`` / ``_buffers`` dict directly: ``nn.Module.__getattr__`` costs
     about a microsecond per tensor. When every tensor has the same storage address and shape as
     at the previous step and is still contiguous (so flat views made then still show it), and
-    all are CPU tensors, one ``torch.cat`` per dtype into the buffer copies them all; otherwise each tensor goes through
-    :func:`resolve`, which accepts it or raises its one-line error, and :meth:`FlatLayout.gather`.
+    all are CPU tensors, one ``torch.cat`` per dtype into the buffer copies them all; otherwise
+    each tensor goes through :func:`resolve`, which accepts it or raises its one-line error, and
+    :meth:`FlatLayout.gather`.
     """
 
     def __init__(self, entries: list[tuple], layout: FlatLayout):
