@@ -29,9 +29,6 @@ from replay.manifest import (
 
 __all__ = ["Recorder"]
 
-Tensors = dict[str, torch.Tensor]
-
-
 class Recorder:
     """Record a training run into the trajectory store at ``path`` (a new local directory).
 

@@ -110,6 +110,7 @@ class Layout:
 
     def __init__(self, groups: list, mem: mmap.mmap, slots: int, set_bytes: int):
         self.groups = groups          # [[dtype, byte offset, numel, [[name, start, end, shape]]]]
+        self._starts = {g[0]: np.array([m[1] for m in g[3]], dtype=np.int64) for g in groups}
         self.flats = [{g[0]: np.frombuffer(mem, NUMPY[g[0]], g[2],
                                            CONTROL_BYTES + s * set_bytes + g[1])
                        if g[2] else np.empty(0, NUMPY[g[0]]) for g in groups}
@@ -129,8 +130,8 @@ class Layout:
         for dtype, _, _, members in self.groups:
             where = np.flatnonzero(bits(self.flats[old][dtype]) != bits(self.flats[new][dtype]))
             if where.size:
-                starts = np.array([m[1] for m in members])
-                hit.update(members[i][0] for i in np.unique(np.searchsorted(starts, where, "right") - 1))
+                which = np.searchsorted(self._starts[dtype], where, "right") - 1
+                hit.update(members[i][0] for i in np.unique(which))
         return hit
 
 

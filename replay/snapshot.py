@@ -51,35 +51,25 @@ class FlatLayout:
         self._bounds = {d: torch.tensor([self.place[n][1] for n in names] + [sizes[d]])
                         for d, names in self.groups.items()}
 
-    def gather(self, tensors: Mapping[str, torch.Tensor], into: Buffers | None = None) -> Flats:
-        """A CPU copy of ``tensors`` (checked by the caller): one 1-D buffer per dtype.
+    def gather(self, tensors: Mapping[str, torch.Tensor], into: Buffers) -> None:
+        """Copy ``tensors`` (checked by the caller) into the flat CPU buffers of ``into``.
 
-        With ``into`` (see :meth:`buffers`) the copy lands in its reused buffers: CPU tensors
-        by one ``_foreach_copy_`` per dtype (no allocation, one dispatch for all tensors),
-        tensors on an accelerator concatenated there and moved in one transfer.
+        CPU tensors by one ``_foreach_copy_`` per dtype (no allocation, one dispatch for all
+        tensors); tensors on an accelerator concatenated there and moved in one transfer.
         """
-        flats = {}
         for dtype, names in self.groups.items():
             parts = [tensors[n] for n in names]
-            if into is not None and parts and parts[0].is_cpu:   # others: _foreach_copy_ copes
+            if parts[0].is_cpu:             # others on a device: _foreach_copy_ copes
                 with torch.no_grad():
                     torch._foreach_copy_(into.views[dtype], parts)
-                flats[dtype] = into.flats[dtype]
                 continue
             parts = [p.detach().reshape(-1) for p in parts]
             if len({p.device for p in parts}) > 1:      # model split across devices
                 parts = [p.to("cpu") for p in parts]
-            flat = torch.cat(parts)          # on the device: then one transfer to the host
-            if into is not None:
-                flats[dtype] = into.flats[dtype].copy_(flat)
-            else:
-                flats[dtype] = flat if flat.device.type == "cpu" else flat.to("cpu")
-        return flats
+            into.flats[dtype].copy_(torch.cat(parts))   # one transfer to the host
 
-    def buffers(self, flats: Flats | None = None) -> Buffers:
-        """Snapshot buffers for :meth:`gather` (fresh, or the given flat ones), with views."""
-        if flats is None:
-            flats = {d: torch.empty(self.size(d), dtype=d) for d in self.groups}
+    def buffers(self, flats: Flats) -> Buffers:
+        """Snapshot buffers for :meth:`gather` over the given flat ones, with views per tensor."""
         views = self.split(flats)
         return Buffers(flats, {d: [views[n] for n in names] for d, names in self.groups.items()})
 
@@ -112,7 +102,7 @@ class FlatLayout:
         for dtype, names in self.groups.items():
             tag = DTYPE_NAMES[dtype]
             delta = payload.get(f"delta.{tag}")
-            size = int(self._bounds[dtype][-1])
+            size = self.size(dtype)
             if delta is None:
                 return f"has no tensor 'delta.{tag}' for its {tag} parameters"
             if delta.dim() != 1 or delta.numel() != size:
@@ -227,8 +217,8 @@ class Snapshotter:
         self._marks: list | None = None
         self._flat: dict[torch.dtype, list[torch.Tensor]] = {}
 
-    def copy(self, step: int, into: Buffers) -> Flats:
-        """θ_step (or the state) copied into ``into``; returns the flat buffers holding it."""
+    def copy(self, step: int, into: Buffers) -> None:
+        """Copy θ_step (or the state) into the flat buffers of ``into``."""
         try:
             marks = [(t.data_ptr(), t.shape, t.is_contiguous())
                      for t in map(dict.get, self._tables, self._attrs)]
@@ -238,10 +228,10 @@ class Snapshotter:
             with torch.no_grad():
                 for dtype, parts in self._flat.items():
                     torch.cat(parts, out=into.flats[dtype])
-            return into.flats
+            return
         tensors = {name: resolve(name, slot, spec, step) for name, slot, spec in self.entries}
         self._cache(tensors)
-        return self.layout.gather(tensors, into)
+        self.layout.gather(tensors, into)
 
     def _cache(self, tensors: dict[str, torch.Tensor]) -> None:
         self._marks = None

@@ -42,7 +42,7 @@ class WriterProcess:
                  params: FlatLayout, state: FlatLayout):
         groups_p, end = _groups(params, 0)
         groups_s, end = _groups(state, end)
-        set_bytes = -(-end // 64) * 64
+        set_bytes = _align(end)
         fd = _shared_memory(CONTROL_BYTES + slots * set_bytes)
         try:
             self._mem = mmap.mmap(fd, CONTROL_BYTES + slots * set_bytes)
@@ -168,12 +168,16 @@ def _groups(layout: FlatLayout, offset: int) -> tuple[list, int]:
     """The writer's view of a layout: [dtype, byte offset, numel, [[name, a, b, shape]]]."""
     groups = []
     for dtype, names in layout.groups.items():
-        offset = -(-offset // 64) * 64        # every flat buffer starts cache-line aligned
+        offset = _align(offset)        # every flat buffer starts cache-line aligned
         members = [[n, layout.place[n][1], layout.place[n][2], list(layout.place[n][3])]
                    for n in names]
         groups.append([DTYPE_NAMES[dtype], offset, layout.size(dtype), members])
         offset += layout.size(dtype) * dtype.itemsize
     return groups, offset
+
+
+def _align(offset: int) -> int:
+    return -(-offset // 64) * 64
 
 
 def _shared_memory(size: int) -> int:
