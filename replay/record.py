@@ -40,15 +40,23 @@ class Recorder:
     ``queue_size`` steps may wait for the writer process; the shared memory holds up to
     ``queue_size + 2`` snapshots (each the size of the recorded tensors) and keeps what it
     once used, so lower it for a model whose parameters fill a large part of host memory.
+    A step counts once the writer commits it to the manifest, at most every
+    ``commit_interval`` seconds (0: after every step) and when training pauses: a crash of the
+    machine or of the writer loses at most that many seconds of steps. If the training process
+    dies, the writer still writes and commits every step it was handed.
     """
 
     def __init__(self, model: torch.nn.Module, path: str | os.PathLike, task: Any = None,
                  task_args: dict | None = None, keyframe_every: int = 100, every: int = 1,
-                 mode: str = "delta", queue_size: int = 4):
+                 mode: str = "delta", queue_size: int = 4, commit_interval: float = 1.0):
         for key, value in (("keyframe_every", keyframe_every), ("every", every),
                            ("queue_size", queue_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RecorderError(f"{key} must be a positive integer, got {value!r}")
+        if (not isinstance(commit_interval, (int, float)) or isinstance(commit_interval, bool)
+                or not 0 <= commit_interval < float("inf")):
+            raise RecorderError(f"commit_interval must be a number of seconds >= 0, got "
+                                f"{commit_interval!r}")
         if mode not in ("delta", "full"):
             raise RecorderError(f"mode must be 'delta' or 'full', got {mode!r}")
         if is_remote(os.fspath(path)):
@@ -71,7 +79,7 @@ class Recorder:
         self._state_layout = FlatLayout([(n, *spec) for n, _, spec, _ in self._state])
         self._param_copy = Snapshotter(self._params, self._param_layout)
         self._state_copy = Snapshotter(self._state, self._state_layout)
-        self._queue_size = queue_size
+        self._queue_size, self._commit_interval = queue_size, float(commit_interval)
         self._header = {
             "format_version": FORMAT_VERSION, "lca_replay_version": _version(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -109,7 +117,8 @@ class Recorder:
         self._check_destination()
         # The writer process first: if it cannot start, nothing has been created on disk.
         writer = WriterProcess(self.path, self._header, self.mode, self.keyframe_every,
-                                self._queue_size + 2, self._param_layout, self._state_layout)
+                                self._queue_size + 2, self._param_layout, self._state_layout,
+                                self._commit_interval)
         try:
             for sub in ("keyframes", "deltas", "state"):
                 os.makedirs(os.path.join(self.path, sub), exist_ok=True)

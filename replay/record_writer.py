@@ -22,16 +22,17 @@ the step after it is written), the newest step in manifest.json plus one, and an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
+import select
 import signal
 import sys
 import time
 
 import numpy as np
 
+from replay.file_writer import FileWriter
 from replay.manifest import MANIFEST, ManifestWriter, file_name, write_atomic
 
 # numpy storage for each store dtype (bfloat16 as its raw 16 bits) and the safetensors code.
@@ -136,16 +137,24 @@ class Layout:
 
 
 class Writer:
-    """Writes keyframe/delta/state files for each step, then replaces manifest.json."""
+    """Writes keyframe/delta/state files for each step and commits them to manifest.json.
 
-    # While more snapshots wait, replacing the manifest may take at most this share of the
-    # writer's time: its size grows with the run, and rewriting it after every step would make
-    # a long run's writer fall further and further behind. When the writer keeps up (the usual
-    # case), the manifest is replaced after every step.
+    A commit fsyncs the directories of the files written since the last one, then replaces
+    the manifest: a step counts (for readers, and after a crash) once a commit has listed it.
+    Commits come at most every ``commit_interval`` seconds, and as soon as that has passed when
+    training pauses. Replacing the manifest after every step instead cost more than everything
+    else the writer does: its size grows with the run (about 320 bytes per step), and writing a
+    new file means fresh page-cache pages (1.3 ms of kernel time per step for a 0.5 MB
+    manifest, measured on the demo model at step 1,500).
+    """
+
+    # A long run's manifest may take at most this share of the writer's time, whatever the
+    # commit interval.
     MANIFEST_SHARE = 0.1
 
     def __init__(self, cfg: dict, mem: mmap.mmap):
         self.root, self.mode, self.keyframe_every = cfg["root"], cfg["mode"], cfg["keyframe_every"]
+        self.interval = cfg["commit_interval"]
         self.params = Layout(cfg["params"], mem, cfg["slots"], cfg["set_bytes"])
         self.state = Layout(cfg["state"], mem, cfg["slots"], cfg["set_bytes"])
         self.manifest = ManifestWriter(cfg["header"])
@@ -153,21 +162,22 @@ class Writer:
         self.prev: dict | None = None
         self.last_key: int | None = None
         self.unwritten: int | None = None
-        self.manifest_time = self.manifest_cost = 0.0
+        self.folders: set[str] = set()        # written into since the last commit
+        self.manifest_time, self.manifest_cost = -float("inf"), 0.0
+        self.files = FileWriter()
 
     def write(self, role: str, step: int, arrays: dict, entry: dict, **meta) -> None:
         rel = file_name(role, step)
         chunks = to_safetensors(arrays, {"format": "lca-replay-2", "step": str(step),
                                          **{k: str(v) for k, v in meta.items()}})
-        digest = hashlib.sha256()
-        for chunk in chunks:
-            digest.update(chunk)
-        write_atomic(self.root, rel, chunks)
+        # The file is fsynced now, its directory entry at the next commit.
+        digest, size = self.files.write(os.path.join(self.root, rel), chunks)
+        self.folders.add(os.path.dirname(rel))
         entry["files"][role] = rel
-        entry["sha256"][rel] = digest.hexdigest()
-        entry["bytes"][rel] = sum(len(c) for c in chunks)
+        entry["sha256"][rel] = digest
+        entry["bytes"][rel] = size
 
-    def record(self, msg: dict, more_waiting: bool) -> None:
+    def record(self, msg: dict) -> None:
         t, slot, prev = msg["step"], msg["slot"], self.prev
         keyframe = (self.mode == "full" or self.last_key is None
                     or t - self.last_key >= self.keyframe_every)
@@ -198,21 +208,34 @@ class Writer:
             entry["interval_losses"] = msg["interval"]
         self.manifest.append(entry)
         self.unwritten = t
-        since = time.monotonic() - self.manifest_time
-        if not more_waiting or since * self.MANIFEST_SHARE >= self.manifest_cost:
-            self.write_manifest()
+        if self.commit_wait() == 0.0:
+            self.commit()
         if prev is not None:
             self.control[FREED] += 1
         self.prev = msg
         if keyframe:
             self.last_key = t
 
-    def write_manifest(self) -> None:
+    def commit_wait(self) -> float | None:
+        """Seconds until the uncommitted steps are due (0: now), None when there are none."""
+        if self.unwritten is None:
+            return None
+        due = self.manifest_time + max(self.interval, self.manifest_cost / self.MANIFEST_SHARE)
+        return max(0.0, due - time.monotonic())
+
+    def commit(self) -> None:
         if self.unwritten is None:
             return
         start = time.monotonic()
-        # No directory fsync: if a power loss undoes this rename, the previous manifest is
-        # still whole and consistent, only the newest steps are lost.
+        for folder in sorted(self.folders):
+            fd = os.open(os.path.join(self.root, folder), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.folders.clear()
+        # No directory fsync for the manifest itself: if a power loss undoes this rename, the
+        # previous manifest is still whole and consistent, only the newest steps are lost.
         write_atomic(self.root, MANIFEST, self.manifest.chunks(), sync_dir=False)
         self.control[COMPLETE] = self.unwritten + 1
         self.unwritten = None
@@ -236,27 +259,30 @@ def main() -> int:
     def send(obj: dict) -> None:
         os.write(out_fd, (json.dumps(obj) + "\n").encode())
 
-    lines = _lines(sys.stdin.fileno())
-    cfg = next(lines)[0]
+    pipe = Input(sys.stdin.fileno())
+    cfg = next(pipe.messages())
     mem = mmap.mmap(cfg["fd"], CONTROL_BYTES + cfg["slots"] * cfg["set_bytes"])
     writer = Writer(cfg, mem)
     send({"ready": True})
     step = None
     try:
-        for msg, more in lines:
+        for msg in pipe.messages(writer.commit_wait):
+            if msg is None:            # training paused with steps not yet committed
+                writer.commit()
+                continue
             if msg["op"] == "close":
                 break
             step = msg["step"]
-            writer.record(msg, more)
-        writer.write_manifest()
+            writer.record(msg)
+        writer.commit()
     except BaseException as err:       # reported to the training process as RecorderError
         send({"error": str(err), "type": type(err).__name__, "step": step})
         writer.control[FAILED] = 1
         try:                           # the steps completed before the failure stay readable
-            writer.write_manifest()
+            writer.commit()
         except BaseException:
             pass
-        for msg, _ in lines:           # hand every buffer back so that training never blocks
+        for msg in pipe.messages():    # hand every buffer back: training never blocks
             if msg["op"] == "close":
                 break
             writer.control[FREED] += 1
@@ -264,24 +290,29 @@ def main() -> int:
     return 0
 
 
-def _lines(fd: int):
-    """(message, whether more input is already waiting) for each line read from ``fd``."""
-    buf = b""
-    while True:
-        while b"\n" not in buf:
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                return
-            buf += chunk
-        line, buf = buf.split(b"\n", 1)
-        more = b"\n" in buf or _readable(fd)
-        yield json.loads(line), more
+class Input:
+    """The JSON messages of one line each arriving on a pipe."""
 
+    def __init__(self, fd: int):
+        self.fd, self.buf = fd, bytearray()
 
-def _readable(fd: int) -> bool:
-    import select
-
-    return bool(select.select([fd], [], [], 0)[0])
+    def messages(self, timeout=None):
+        """Each message in turn until end of file; None whenever ``timeout()`` seconds (when
+        it gives a number) pass without one."""
+        while True:
+            while b"\n" not in self.buf:
+                wait = timeout() if timeout is not None else None
+                if wait is not None and not select.select([self.fd], [], [], wait)[0]:
+                    yield None
+                    continue
+                chunk = os.read(self.fd, 1 << 16)
+                if not chunk:
+                    return
+                self.buf += chunk
+            end = self.buf.index(b"\n")
+            line = bytes(self.buf[:end])
+            del self.buf[:end + 1]
+            yield json.loads(line)
 
 
 if __name__ == "__main__":

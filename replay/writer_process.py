@@ -39,7 +39,7 @@ class WriterProcess:
     """The Recorder's end of the writer process: shared snapshot buffers, pipes, its reports."""
 
     def __init__(self, root: str, header: dict, mode: str, keyframe_every: int, slots: int,
-                 params: FlatLayout, state: FlatLayout):
+                 params: FlatLayout, state: FlatLayout, commit_interval: float = 1.0):
         groups_p, end = _groups(params, 0)
         groups_s, end = _groups(state, end)
         set_bytes = _align(end)
@@ -65,7 +65,8 @@ class WriterProcess:
         self._pending = b""
         try:
             self.send({"root": root, "header": header, "mode": mode,
-                       "keyframe_every": keyframe_every, "slots": slots, "set_bytes": set_bytes,
+                       "keyframe_every": keyframe_every, "commit_interval": commit_interval,
+                       "slots": slots, "set_bytes": set_bytes,
                        "fd": fd, "params": groups_p, "state": groups_s}, None, None)
         except RecorderError:      # it exited at once: reported just below
             pass

@@ -2,7 +2,8 @@
 
 Imported by the tests (``make_model``, ``train``) and run as a script by the SIGKILL test:
 ``python tests/helpers_record.py STORE STEPS`` records STEPS AdamW updates into STORE, printing
-``step N`` as it goes, so that the parent can kill it mid-run and rebuild the same run in-process.
+``writer PID`` first and ``step N`` as it goes, so that the parent can kill it mid-run and
+rebuild the same run in-process.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main(argv: list[str]) -> None:
     path, steps = argv[0], int(argv[1])
     model = make_model(width=64)
     with Recorder(model, path, keyframe_every=5, queue_size=2) as rec:
+        print(f"writer {rec._writer.proc.pid}", flush=True)
         train(model, steps, [rec], on_step=lambda t: print(f"step {t}", flush=True))
 
 

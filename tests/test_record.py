@@ -209,18 +209,36 @@ def test_sigkill_mid_run_leaves_a_store_valid_up_to_its_last_complete_step(tmp_p
     recorder_survives_sigkill(tmp_path / "traj", kill_after=40, min_steps=30)
 
 
+def wait_for_exit(pid: int, timeout: float) -> None:
+    """Wait until process ``pid`` (not a child of this one) has exited."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still runs after {timeout} s")
+
+
 def recorder_survives_sigkill(store, kill_after: int, min_steps: int) -> None:
-    """Record in a subprocess, SIGKILL it after step ``kill_after``: the store must verify and
-    every θ_t must equal an in-process rerun bit for bit (also used by tests/reliability)."""
+    """Record in a subprocess, SIGKILL it after step ``kill_after``: once its writer process
+    has finished, the store must hold every step handed to it, verify, and every θ_t must equal
+    an in-process rerun bit for bit (also used by tests/reliability)."""
     helper = os.path.join(os.path.dirname(__file__), "helpers_record.py")
     proc = subprocess.Popen([sys.executable, helper, str(store), "100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = None
     try:
         deadline = time.time() + 60
         while time.time() < deadline:        # wait until a few keyframes are on disk
             line = proc.stdout.readline()
             if not line:
                 break
+            if line.startswith("writer "):
+                writer = int(line.split()[1])
             if line.startswith("step ") and int(line.split()[1]) >= kill_after:
                 break
         assert proc.poll() is None, proc.stderr.read()
@@ -228,9 +246,11 @@ def recorder_survives_sigkill(store, kill_after: int, min_steps: int) -> None:
     finally:
         proc.kill()
         proc.wait()
+    assert writer is not None
+    wait_for_exit(writer, timeout=30)
     traj = open_trajectory(store)
     n = traj.steps[-1]
-    assert n >= min_steps and traj.steps == list(range(n + 1))
+    assert n >= max(min_steps, kill_after) and traj.steps == list(range(n + 1))
     traj.verify()
     # The same run rebuilt in-process matches the store bit for bit (single thread, same seeds).
     threads = torch.get_num_threads()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -126,3 +128,56 @@ def test_many_tensors_and_long_loss_lists_pass_through_the_pipe(tmp_path):
     traj = open_trajectory(tmp_path / "traj")
     assert traj.steps == [0, 5000] and len(traj.names) == 3000
     assert traj.manifest["steps"][1]["interval_losses"] == [0.123456789012345] * 5000
+
+
+def manifest_steps(path) -> list[int]:
+    with open(os.path.join(path, "manifest.json")) as f:
+        return [s["step"] for s in json.load(f)["steps"]]
+
+
+def wait_for_steps(path, steps: list[int], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if manifest_steps(path) == steps:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_steps_count_once_committed_and_close_commits_the_rest(tmp_path):
+    model = make_model()
+    with Recorder(model, tmp_path / "traj", commit_interval=3600) as rec:
+        assert wait_for_steps(tmp_path / "traj", [0])    # the first step commits at once
+        train(model, 3, [rec])
+        deadline = time.monotonic() + 20
+        while rec._writer._freed < 3 and time.monotonic() < deadline:   # steps 1..3 written
+            rec._writer.check()
+            time.sleep(0.01)
+        assert rec._writer._freed == 3
+        assert manifest_steps(tmp_path / "traj") == [0]
+    assert manifest_steps(tmp_path / "traj") == [0, 1, 2, 3]
+    open_trajectory(tmp_path / "traj").verify()
+
+
+def test_a_pause_in_training_commits_the_waiting_steps(tmp_path):
+    model = make_model()
+    with Recorder(model, tmp_path / "traj", commit_interval=0.2) as rec:
+        train(model, 3, [rec])
+        assert wait_for_steps(tmp_path / "traj", [0, 1, 2, 3])
+        open_trajectory(tmp_path / "traj").verify()      # readable while recording goes on
+        train(model, 2, [rec])
+
+
+def test_commit_interval_zero_commits_every_step(tmp_path):
+    model = make_model()
+    with Recorder(model, tmp_path / "traj", commit_interval=0) as rec:
+        for t in range(1, 4):
+            train(model, 1, [rec])
+            assert wait_for_steps(tmp_path / "traj", list(range(t + 1)))
+
+
+@pytest.mark.parametrize("bad", [-1, float("inf"), float("nan"), "1", True])
+def test_a_bad_commit_interval_is_a_one_line_error(tmp_path, bad):
+    with pytest.raises(RecorderError, match="commit_interval must be a number of seconds"):
+        Recorder(make_model(), tmp_path / "traj", commit_interval=bad)
+    assert not (tmp_path / "traj").exists()
