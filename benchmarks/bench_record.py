@@ -8,7 +8,7 @@ times in one run, so both see the same machine load; each B block records into a
 Prints median step times, the overhead ratio B/A, the flush time, and bytes on disk per
 parameter per recorded step of the stores. Usage::
 
-    python benchmarks/bench_record.py [--steps 20] [--repeats 8] [--d-model 48] [--ffn-dim 96]
+    python benchmarks/bench_record.py [--steps 50] [--repeats 6] [--d-model 48] [--ffn-dim 96]
                                       [--mode delta|full] [--threads T]
 
 On a 2-core machine shared with other jobs the ratio mostly measures CPU contention between the
@@ -34,9 +34,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
-def timed_steps(task, model, opt, batches, steps: int, rec=None, in_rec=None) -> list[float]:
-    """Seconds per training step, for ``steps`` steps; ``in_rec`` gets the time in rec.step."""
-    times = []
+def timed_steps(task, model, opt, batches, steps: int, rec=None, in_rec=None,
+                writer_cpu=None) -> list[float]:
+    """Seconds per training step, for ``steps`` steps; ``in_rec`` gets the time in rec.step,
+    ``writer_cpu`` the writer process's CPU seconds (user, system) from after the second step
+    to the last (its start-up and first-use costs left out; it lags by about one step at
+    both ends) and the number of steps in between."""
+    times, first = [], None
     for _ in range(steps):
         start = time.perf_counter()
         loss_sum, count = task.loss(model, next(batches))
@@ -48,14 +52,32 @@ def timed_steps(task, model, opt, batches, steps: int, rec=None, in_rec=None) ->
             t0 = time.perf_counter()
             rec.step(loss=loss.detach())
             in_rec.append(time.perf_counter() - t0)
+            if writer_cpu is not None and len(times) == 1:
+                first = process_cpu(rec._writer.proc.pid)
         times.append(time.perf_counter() - start)
+    if first is not None:
+        last = process_cpu(rec._writer.proc.pid)
+        writer_cpu.append((last[0] - first[0], last[1] - first[1], steps - 2))
     return times
+
+
+def process_cpu(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of a running process so far; None without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="steps per A or B block")
-    parser.add_argument("--repeats", type=int, default=8, help="A/B block pairs")
+    # 50-step blocks: the recorder's start (θ_0 written while the first steps run) is a cost
+    # per run, reported on its own, not per step; short blocks mixed it into the median.
+    parser.add_argument("--steps", type=int, default=50, help="steps per A or B block")
+    parser.add_argument("--repeats", type=int, default=6, help="A/B block pairs")
     parser.add_argument("--d-model", type=int, default=48, help="ToyNMT d_model (48: default)")
     parser.add_argument("--ffn-dim", type=int, default=96, help="ToyNMT ffn_dim (96: default)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -83,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     timed_steps(task, model, opt, batches, 5)          # warm-up: allocator, optimizer state
 
     plain, recorded, in_rec, flush, starts, per_param = [], [], [], [], [], []
+    writer_cpu: list = []        # per B block: (user, system, steps), where /proc exists
     with tempfile.TemporaryDirectory(prefix="bench-record-") as tmp:
         for r in range(args.repeats):
             plain += timed_steps(task, model, opt, batches, args.steps)
@@ -91,13 +114,16 @@ def main(argv: list[str] | None = None) -> None:
             rec = Recorder(model, path, keyframe_every=args.keyframe_every,
                            mode=args.mode).start()
             starts.append(time.perf_counter() - t0)
-            recorded += timed_steps(task, model, opt, batches, args.steps, rec, in_rec)
+            recorded += timed_steps(task, model, opt, batches, args.steps, rec, in_rec,
+                                    writer_cpu)
             t0 = time.perf_counter()
             rec.close()
             flush.append(time.perf_counter() - t0)
             traj = open_trajectory(path)
             per_param.append(traj.nbytes() / (n_params * len(traj.steps)))
         traj.verify()
+    n_cpu = sum(c[2] for c in writer_cpu) or 1
+    writer_cpu = [sum(c[0] for c in writer_cpu) / n_cpu, sum(c[1] for c in writer_cpu) / n_cpu]
 
     a, b = statistics.median(plain), statistics.median(recorded)
     print(f"median step time without Recorder: {a * 1e3:8.2f} ms  ({len(plain)} steps)")
@@ -107,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{statistics.median(in_rec) * 1e3:.2f} ms, max {max(in_rec) * 1e3:.2f} ms")
     print(f"mean step time without / with:     {statistics.mean(plain) * 1e3:.2f} / "
           f"{statistics.mean(recorded) * 1e3:.2f} ms")
+    print(f"writer process CPU per recorded step: {sum(writer_cpu) * 1e3:.2f} ms "
+          f"(user {writer_cpu[0] * 1e3:.2f}, system {writer_cpu[1] * 1e3:.2f}; on the other core)")
     print(f"start (θ_0) / close (flush) time:  {statistics.median(starts) * 1e3:.1f} / "
           f"{statistics.median(flush) * 1e3:.1f} ms (median per store)")
     print(f"bytes per parameter per recorded step: {statistics.median(per_param):.3f} "
@@ -115,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     common.emit("record", [common.row(
         "recording overhead per training step (demo model)", overhead, "<= 5%",
         overhead <= 0.05, f"median step {b * 1e3:.1f} ms vs {a * 1e3:.1f} ms, "
-        f"{torch.get_num_threads()} torch threads", fmt="{:+.1%}")])
+        f"{torch.get_num_threads()} torch threads; writer CPU {sum(writer_cpu) * 1e3:.2f} ms/step",
+        fmt="{:+.1%}")])
 
 
 if __name__ == "__main__":
