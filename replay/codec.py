@@ -25,22 +25,12 @@ import json
 
 import torch
 
-# Dtypes a trajectory may hold, by the names written in manifest.json.
-PARAM_DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
-STATE_DTYPES = {
-    **PARAM_DTYPES,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
+from replay import manifest
+
+# Dtypes a trajectory may hold, by the names written in manifest.json (listed, torch-free, in
+# replay.manifest for the writer process).
+PARAM_DTYPES = {name: getattr(torch, name) for name in manifest.PARAM_DTYPES}
+STATE_DTYPES = {name: getattr(torch, name) for name in manifest.STATE_DTYPES}
 DTYPE_NAMES = {v: k for k, v in STATE_DTYPES.items()}
 
 # Integer views of the same width: comparing these compares bit patterns (NaN-safe).

@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import tempfile
 
 from replay.errors import TrajectoryError
+from replay.file_writer import FileWriter
 
 # Dtype names a store may hold (torch-free here: the recorder's writer process reads this module).
 PARAM_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -158,37 +158,14 @@ def validate(m: object, where: str) -> None:
 
 # ------------------------------------------------------------------------------------ writing
 
-def write_atomic(directory: str, rel: str, data: bytes | list, sync_dir: bool = True) -> None:
-    """Write ``directory/rel`` so that readers see the old file or the whole new one, never part.
-
-    Temp file in the same directory (same file system, so ``os.replace`` is atomic), fsync,
-    rename, then (``sync_dir``) fsync the directory so that the rename itself survives a power
-    loss before anything that refers to the file is written. ``data`` may be a list of
-    byte chunks, written one after the other.
+def write_atomic(directory: str, rel: str, data: bytes | list) -> None:
+    """Write ``directory/rel`` so that readers see the old file or the whole new one, never part
+    (temporary file in the same directory, fsync, rename: see :class:`FileWriter`). ``data``
+    may be a list of byte chunks, written one after the other. The directory is not fsynced:
+    for the manifest, a power loss that undoes the rename leaves the previous one, whole.
     """
-    target = os.path.join(directory, rel)
-    folder = os.path.dirname(target)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in (data if isinstance(data, list) else [data]):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if not sync_dir:
-        return
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    FileWriter(direct=False).write(os.path.join(directory, rel),
+                                   data if isinstance(data, list) else [data])
 
 
 class ManifestWriter:
@@ -196,7 +173,7 @@ class ManifestWriter:
 
     Steps before the last live in a growing bytearray (appending is amortised O(1)); only the
     last entry is kept as a dict, because it gains its delta file when the next step arrives.
-    :meth:`chunks` hands the pieces to :func:`write_atomic` without joining them.
+    :meth:`chunks` hands the pieces to the file writer without joining them.
     """
 
     def __init__(self, header: dict):

@@ -2,9 +2,9 @@
 
 The training thread only snapshots (copies every tensor off the training device into a shared
 memory buffer) and sends a line to the writer process (:mod:`replay.record_writer`), which
-computes deltas and corrections, hashes and writes the files, then replaces manifest.json, so a
-crash leaves a store that is valid up to its last complete step. Step t means "parameters after
-t optimizer updates".
+computes deltas and corrections, hashes and writes the files, then commits them to
+manifest.json (at most every ``commit_interval`` seconds), so a crash leaves a store that is
+valid up to its last commit. Step t means "parameters after t optimizer updates".
 """
 
 from __future__ import annotations
@@ -122,8 +122,7 @@ class Recorder:
         try:
             for sub in ("keyframes", "deltas", "state"):
                 os.makedirs(os.path.join(self.path, sub), exist_ok=True)
-            write_atomic(self.path, MANIFEST, ManifestWriter(self._header).chunks(),
-                         sync_dir=False)
+            write_atomic(self.path, MANIFEST, ManifestWriter(self._header).chunks())
         except BaseException:
             writer.close()
             raise

@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from replay.file_writer import FileWriter
-from replay.manifest import MANIFEST, ManifestWriter, file_name, write_atomic
+from replay.manifest import MANIFEST, ManifestWriter, file_name
 
 # numpy storage for each store dtype (bfloat16 as its raw 16 bits) and the safetensors code.
 NUMPY = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32,
@@ -236,7 +236,7 @@ class Writer:
         self.folders.clear()
         # No directory fsync for the manifest itself: if a power loss undoes this rename, the
         # previous manifest is still whole and consistent, only the newest steps are lost.
-        write_atomic(self.root, MANIFEST, self.manifest.chunks(), sync_dir=False)
+        self.files.write(os.path.join(self.root, MANIFEST), self.manifest.chunks())
         self.control[COMPLETE] = self.unwritten + 1
         self.unwritten = None
         self.manifest_time = time.monotonic()
