@@ -13,16 +13,20 @@ from replay.tasks.tiny_mlp import TinyMLP
 
 
 class SlowMLP(TinyMLP):
-    """TinyMLP whose ``loss`` first sleeps ``$LCA_TEST_DELAY`` seconds (default 0).
+    """TinyMLP whose ``loss`` first sleeps ``$LCA_TEST_DELAY`` seconds (default 0), and waits
+    as long as the file ``$LCA_TEST_HOLD`` exists (a test holds a replay mid-run with it).
 
-    The numbers are those of TinyMLP; the delay is an environment variable, not an argument, so
-    that it is not part of the cube's settings and a slow run can be resumed by a fast one.
+    The numbers are those of TinyMLP; delay and hold are environment variables, not arguments,
+    so that they are not part of the cube's settings and a slow run can be resumed by a fast one.
     """
 
     def loss(self, model, batch):
         delay = float(os.environ.get("LCA_TEST_DELAY") or 0)
         if delay:
             time.sleep(delay)
+        hold = os.environ.get("LCA_TEST_HOLD")
+        while hold and os.path.exists(hold):
+            time.sleep(0.05)
         return super().loss(model, batch)
 
 

@@ -113,15 +113,17 @@ def test_concurrent_replays_and_sigkill(run24, tmp_path):
     chunk with A) are refused with one line naming the steps and A's pid; D (steps 12:24, other
     chunks, as a job-array task) runs beside A and finishes. Then A is killed with SIGKILL: its
     locks die with it, and running the command again completes the cube, equal to the
-    uninterrupted one."""
+    uninterrupted one. A is held mid-run (a hold file) however long B, C and D take to start."""
     store, reference = run24
     cube = tmp_path / "c.zarr"
     argv = ["replay", store, *task_flags(SLOW), "--cube", cube, *COMMON, "--chunk-size", "2"]
-    slow = {**os.environ, "LCA_TEST_DELAY": "0.1"}
+    hold = tmp_path / "hold"
+    slow = {**os.environ, "LCA_TEST_DELAY": "0.1", "LCA_TEST_HOLD": str(hold)}
     a = subprocess.Popen(cli(*argv, "--steps", "0:12"), cwd=ROOT, env=slow,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: done_count(cube) >= 2 or a.poll() is not None, what="A's first chunk")
+        hold.touch()
         assert a.poll() is None, a.communicate()[1]
         b, c, d = (subprocess.Popen(cli(*argv, *extra), cwd=ROOT, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
