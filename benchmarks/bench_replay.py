@@ -5,8 +5,9 @@ valid, ``--steps`` recorded updates) with ``scheduler="sync"`` and 1 torch threa
 plain torch loop in the same process that performs the same number of gradient evaluations
 (the engine's own count: 2 per step + 1 to start, the end gradient of a step being the next
 step's start) at the same parameters, over the same data already collated into the same
-batches, at 1 torch thread: nothing but ``loss.backward()`` per batch. That loop is the
-physical bound of any replay; efficiency = bound time / engine time (target >= 0.9).
+batches (``replay.gradients.exact_batches``: sorted by the task's ``item_size``), at 1 torch
+thread: nothing but ``loss.backward()`` per batch. That loop is the physical bound of any
+replay; efficiency = bound time / engine time (target >= 0.9).
 
 The engine's time is ``replay.run`` end to end: task and cube set-up, reading the trajectory,
 integration, the numba reduction into 4 groupings (transformer, sparse-dense, frequency,
@@ -49,12 +50,17 @@ class PlainLoop:
     """The bound: forward + backward over pre-collated batches at given parameter vectors."""
 
     def __init__(self, task, datasets, batch_size: int):
+        from replay.gradients import exact_batches
+
         self.task = task
         self.model = task.build_model().eval()
         self.params = dict(self.model.named_parameters())
         items = task.datasets()
-        self.batches = {d: [task.collate(items[d][i:i + batch_size])
-                            for i in range(0, len(items[d]), batch_size)] for d in datasets}
+        # The engine's own batches (sorted by item_size where the task has it): the bound
+        # must do the same arithmetic, only without the engine around it.
+        self.batches = {d: [task.collate([items[d][i] for i in idx])
+                            for idx in exact_batches(task, d, items[d], batch_size)]
+                        for d in datasets}
 
     def evaluate(self, theta: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():

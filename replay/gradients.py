@@ -7,6 +7,8 @@ currently held by a :class:`replay.flat.FlatModel`.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from replay.errors import ConfigError, ReplayError
+from replay.errors import ConfigError, ReplayError, TaskError
 from replay.quadrature import Point
 
 
@@ -83,6 +85,35 @@ def sample_indices(mode: Sampled, dataset: str, n_items: int, step: int) -> list
     return [np.sort(rng.choice(n_items, size=size, replace=False)) for _ in range(mode.batches)]
 
 
+def sorts_by_size(task) -> bool:
+    """Whether exact mode batches this task's items by size (it has ``item_size``)."""
+    return callable(getattr(task, "item_size", None))
+
+
+def exact_batches(task, name: str, items: Sequence, batch_size: int) -> list[np.ndarray]:
+    """The index arrays of the batches exact mode evaluates dataset ``name`` in.
+
+    A task with ``item_size(item)`` (e.g. a sentence's length in tokens) has its items sorted
+    by size, ties in dataset order, so that each batch holds items of similar size and a padded
+    batch wastes little work on padding (the demo's Transformer: 1.3x less per evaluation).
+    Without it, dataset order. Any batching gives the same L and ∇L up to float rounding; this
+    one is fixed by the task and ``batch_size`` alone, so no chunking or worker count changes it.
+    """
+    order = np.arange(len(items))
+    if sorts_by_size(task):
+        sizes = np.empty(len(items))
+        for i in range(len(items)):
+            size = task.item_size(items[i])
+            if (not isinstance(size, numbers.Real) or isinstance(size, bool)
+                    or not math.isfinite(size)):
+                raise TaskError(
+                    f"task item_size() returned {size!r} for item {i} of dataset {name!r}; it "
+                    "must return a finite number (e.g. the item's length in tokens)")
+            sizes[i] = size
+        order = np.argsort(sizes, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """Move every tensor in a nested batch to ``device``; floating tensors take ``dtype``."""
     if isinstance(batch, torch.Tensor):
@@ -101,8 +132,9 @@ def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
 class LossOracle:
     """L(θ; D) and ∇L(θ; D) for each named dataset, exact or on the step's sample.
 
-    Exact mode collates each dataset once and keeps the batches for the oracle's lifetime
-    (one task's chunk of steps): the data loop is the replay's hot path.
+    Exact mode collates each dataset once, in the batches of :func:`exact_batches`, and keeps
+    them for the oracle's lifetime (one task's chunk of steps): the data loop is the replay's
+    hot path.
     """
 
     def __init__(self, task, flat, datasets: Sequence[str], mode: Sampled | None,
@@ -131,16 +163,13 @@ class LossOracle:
         for name in self.names:
             if self.mode is None:
                 if name not in self._exact_cache:
-                    self._exact_cache[name] = self._collate_range(name, range(len(self.items[name])))
+                    self._exact_cache[name] = [
+                        self._collate(name, idx) for idx in
+                        exact_batches(self.task, name, self.items[name], self.batch_size)]
                 self._batches[name] = self._exact_cache[name]
             else:
                 idx = sample_indices(self.mode, name, len(self.items[name]), step)
                 self._batches[name] = [self._collate(name, i) for i in idx]
-
-    def _collate_range(self, name, indices):
-        indices = list(indices)
-        bs = self.batch_size
-        return [self._collate(name, indices[i:i + bs]) for i in range(0, len(indices), bs)]
 
     def _collate(self, name, indices):
         items = self.items[name]

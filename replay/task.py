@@ -16,7 +16,10 @@ from replay.errors import TaskError
 
 @runtime_checkable
 class Task(Protocol):
-    """What the replay engine calls. Only ``token_counts`` is optional.
+    """What the replay engine calls. Optional, and not part of this protocol's checks:
+    ``token_counts()`` (per-row frequencies, for the ``frequency`` grouping), ``item_size(item)``
+    (a number that grows with an item's cost in a padded batch, e.g. its length in tokens:
+    exact mode then batches items of similar size together) and ``eval_batch_size``.
 
     The model is put in eval mode by the engine, so the loss is deterministic and
     ``L(θ; D) = Σ loss_sum / Σ count`` over batches is exact for any batch size.

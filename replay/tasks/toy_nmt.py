@@ -251,6 +251,10 @@ class ToyNMT:
         return {"src": torch.from_numpy(src), "tgt_in": torch.from_numpy(tgt_in),
                 "tgt_out": torch.from_numpy(tgt_out)}
 
+    def item_size(self, item: Pair) -> int:
+        """Source plus target words: the replay batches pairs of similar length together."""
+        return len(item[0]) + len(item[1])
+
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
         """(Σ token cross-entropy in nats over non-pad targets, 0-d tensor; number of tokens)."""
         logits = model(batch["src"], batch["tgt_in"])  # (B, T, V)
