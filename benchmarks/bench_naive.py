@@ -57,9 +57,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.repeats = min(args.steps, 6), 1
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    from replay.scheduler import glibc_default_malloc, thread_env
+    from replay.scheduler import local_cluster
 
     work = args.work or tempfile.mkdtemp(prefix="bench-naive-")
     store = common.record_demo(os.path.join(work, f"demo-{args.steps}"), args.steps)
@@ -80,9 +80,7 @@ def main(argv=None) -> dict:
     common.log(f"per-tensor LCA, engine vs naive: max relative difference {diff_sync:.2e} "
                f"(sync), {diff_local:.2e} (local)")
 
-    with glibc_default_malloc():  # as scheduler="local" starts its workers
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=":0", env=thread_env(1), silence_logs=40)
+    cluster = local_cluster(workers, 1)  # as scheduler="local" starts its workers
     client = Client(cluster)
     try:
         def naive_at(threads):

@@ -88,9 +88,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.repeats = min(args.steps, 12), 1
-    from distributed import Client, LocalCluster, get_task_stream
+    from distributed import Client, get_task_stream
 
-    from replay.scheduler import glibc_default_malloc, thread_env
+    from replay.scheduler import local_cluster
 
     work = args.work or tempfile.mkdtemp(prefix="bench-scaling-")
     store = common.record_demo(os.path.join(work, f"demo-{args.steps}"), args.steps)
@@ -103,10 +103,7 @@ def main(argv=None) -> dict:
     try:
         for n in (1, 2):
             began = time.perf_counter()
-            with glibc_default_malloc():  # as scheduler="local" starts its workers
-                clusters[n] = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                           dashboard_address=":0", env=thread_env(1),
-                                           silence_logs=40)
+            clusters[n] = local_cluster(n, 1)  # as scheduler="local" starts its workers
             clients[n] = Client(clusters[n])
             start[n] = time.perf_counter() - began
 
