@@ -209,25 +209,34 @@ class CubeWriter:
     def __init__(self, path: str):
         self.path = path
         self.root = zarr.open_group(path, mode="r+", use_consolidated=False)
+        self._arrays: dict = {}
+
+    def _array(self, name: str):
+        # Opening an array reads its metadata from the store (3 ms here); the per-step arrays
+        # keep their shape for the cube's lifetime, so each is opened once per writer.
+        if name not in self._arrays:
+            self._arrays[name] = self.root[name]
+        return self._arrays[name]
 
     def done_mask(self) -> np.ndarray:
-        return np.asarray(self.root["done"][:], dtype=bool)
+        return np.asarray(self._array("done")[:], dtype=bool)
 
     def write(self, i0: int, i1: int, result: dict) -> None:
         """``result`` arrays cover intervals [i0, i1); ``done`` goes last."""
         for name in ("lca", "helped", "splits") + FLOAT_VARS:
-            self.root[name][i0:i1] = result[name]
-        self.root["done"][i0:i1] = True
+            self._array(name)[i0:i1] = result[name]
+        self._array("done")[i0:i1] = True
 
     # -- per-parameter cumulative LCA --------------------------------------------------------
-    def drop_stale_parts(self, datasets, i0: int, i1: int) -> None:
-        """Partials inside [i0, i1) whose steps are not done belong to an interrupted run."""
+    def drop_stale_parts(self, datasets, pieces) -> None:
+        """Partials inside one of ``pieces`` ([i0, i1) each) whose steps are not done belong to
+        an interrupted run."""
         done = self.done_mask()
         for name in datasets:
             group = self.root[f"{PARTS}/{name}"]
             for key in list(group.array_keys()):
                 a, b = _part_range(key)
-                if a >= i0 and b <= i1 and not done[a:b].all():
+                if not done[a:b].all() and any(a >= i0 and b <= i1 for i0, i1 in pieces):
                     del group[key]
 
     def finalize_params(self, datasets, names, shapes) -> bool:
