@@ -17,6 +17,7 @@ import dask.config
 import yaml
 
 from replay.errors import LCAError
+from replay.scheduler import QUIET_DASK
 
 __all__ = [
     "ClusterError",
@@ -240,10 +241,19 @@ def _cluster_kwargs(kind, *, config_name=None, cores=None, memory=None, walltime
     prologue = list(kw.get("job_script_prologue", section.get("job-script-prologue")
                            or section.get("env-extra") or []))
     prologue.append("export " + " ".join(f"{v}={threads}" for v in _THREAD_VARIABLES))
+    prologue.append("export " + " ".join(_dask_env(QUIET_DASK)))
     kw["job_script_prologue"] = prologue
     if section.get("name") in (None, "dask-worker"):
         kw.setdefault("job_name", dask.config.get("lca.cluster.job-name"))
     return getattr(jobqueue, KINDS[kind]), kw
+
+
+def _dask_env(settings: dict) -> list[str]:
+    """``DASK_A__B_C=value`` assignments: dask config that the job's worker processes read from
+    their environment (the job starts them with ``dask worker``, out of reach of
+    ``dask.config.set`` here)."""
+    return [f"DASK_{key.upper().replace('.', '__').replace('-', '_')}={value}"
+            for key, value in settings.items()]
 
 
 def make_jobqueue_cluster(kind: str, *, config_name: str | None = None, jobs: int | None = None,
@@ -270,7 +280,8 @@ def make_jobqueue_cluster(kind: str, *, config_name: str | None = None, jobs: in
                               device=device, threads=threads, python=python,
                               processes=processes, extra=extra)
     try:
-        cluster = cls(**kw)
+        with dask.config.set(QUIET_DASK):  # for the scheduler, which runs in this process
+            cluster = cls(**kw)
     except (TypeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ClusterError(f"cannot build a {cls.__name__} from jobqueue.{config_name or kind} and "

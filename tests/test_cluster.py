@@ -5,6 +5,7 @@ Tests marked ``slurm`` run real jobs on the single-node SLURM of scripts/slurm-u
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -44,6 +45,22 @@ def test_slurm_job_script_has_overrides_threads_and_lifetime():
     assert " --nthreads 1 " in command and " --nworkers 4 " in command
     # one hour: stagger 3 min, margin 3 min -> retire after 54 +- 3 min
     assert command.endswith(" --lifetime 3240s --lifetime-stagger 180s")
+
+
+def test_worker_jobs_run_with_the_quiet_dask_settings():
+    from replay.scheduler import QUIET_DASK
+
+    exports = [line for line in job_script("slurm", cores=2, memory="2GB").splitlines()
+               if line.startswith("export DASK_")]
+    assert len(exports) == 1
+    # what a worker process of the job reads back through dask's own environment parsing
+    env = dict(os.environ)
+    env.update(pair.split("=", 1) for pair in exports[0].split()[1:])
+    code = ("import dask, json; from replay.scheduler import QUIET_DASK; "
+            "print(json.dumps({k: dask.config.get(k) for k in QUIET_DASK}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out) == QUIET_DASK
 
 
 def test_torch_threads_per_task_shape_the_workers():
