@@ -24,7 +24,7 @@ import xarray as xr
 
 from replay import cube, guard
 from replay.errors import ConfigError, ReplayError, TaskError
-from replay.gradients import Sampled, describe_gradient, exact_batches, parse_gradient, sorts_by_size
+from replay.gradients import Sampled, describe_gradient, parse_gradient, plan_batches, sorts_by_size
 from replay.lock import CubeLock
 from replay.quadrature import check_quadrature
 from replay.scheduler import JOBQUEUE, executor
@@ -146,10 +146,10 @@ def prepare(trajectory, task=None, datasets: Sequence[str] | None = None, gradie
         counts = {k: np.asarray(v) for k, v in task_inst.token_counts().items()}
     groupings = resolve_groupings(groups, traj.names, traj.shapes, counts, aliases=traj.aliases)
     batch = int(batch_size or getattr(task_inst, "eval_batch_size", DEFAULT_BATCH))
-    by_size = mode is None and sorts_by_size(task_inst)
+    by_size = sorts_by_size(task_inst)
     if by_size:  # a bad item_size() fails here, before the cube exists
         for d in names:
-            exact_batches(task_inst, d, provided[d], batch)
+            plan_batches(task_inst, d, provided[d], batch)
 
     starts, ends = _intervals(traj)
     selected = select_steps(starts, steps)
@@ -169,6 +169,8 @@ def prepare(trajectory, task=None, datasets: Sequence[str] | None = None, gradie
     }
     if by_size:  # absent otherwise, so cubes of earlier versions still resume
         settings["batch_order"] = "size"
+    if mode is not None:  # 0.2 evaluated each mini-batch on its own: other float rounding
+        settings["sample_batches"] = "pooled"
     chunk = chunk_size or default_chunk(len(starts))
     if not isinstance(chunk, int) or chunk < 1:
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk!r}")

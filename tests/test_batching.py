@@ -11,7 +11,7 @@ import replay
 from replay.commands.train import train
 from replay.config import Config, from_mapping
 from replay.errors import CubeError, TaskError
-from replay.gradients import exact_batches
+from replay.gradients import plan_batches
 from replay.tasks.toy_nmt import ToyNMT
 
 REF = "replay.tasks.toy_nmt:ToyNMT"
@@ -47,9 +47,9 @@ def store(tmp_path_factory):
 
 def test_items_are_batched_by_size_ties_in_dataset_order():
     items = [5, 2, 9, 2, 5, 1, 9]
-    batches = exact_batches(Sized(items), "train", items, 3)
+    batches = plan_batches(Sized(items), "train", items, 3)
     assert [b.tolist() for b in batches] == [[5, 1, 3], [0, 4, 2], [6]]
-    plain = exact_batches(object(), "train", items, 3)
+    plain = plan_batches(object(), "train", items, 3)
     assert [b.tolist() for b in plain] == [[0, 1, 2], [3, 4, 5], [6]]
 
 
@@ -58,14 +58,14 @@ def test_a_bad_item_size_names_the_item_and_dataset(bad):
     items = [3, bad, 1]
     with pytest.raises(TaskError, match=r"^task item_size\(\) returned .* for item 1 of dataset "
                                         r"'valid'; it must return a finite number"):
-        exact_batches(Sized(items), "valid", items, 2)
+        plan_batches(Sized(items), "valid", items, 2)
 
 
 def test_toy_nmt_batches_hold_pairs_of_similar_length():
     task = ToyNMT(**SMALL)
     items = task.datasets()["train"]
     widths = [task.collate([items[i] for i in idx])["src"].shape[1]
-              for idx in exact_batches(task, "train", items, 16)]
+              for idx in plan_batches(task, "train", items, 16)]
     assert widths == sorted(widths) and widths[0] < widths[-1]
     natural = [task.collate(items[i:i + 16])["src"].shape[1] for i in range(0, len(items), 16)]
     assert sum(widths) < sum(natural)  # less padding: the point of sorting
@@ -107,11 +107,11 @@ def test_a_bad_item_size_stops_the_replay_before_the_cube_exists(store, tmp_path
     with pytest.raises(TaskError, match=r"returned inf for item \d+ of dataset 'train'"):
         replay.run(store, task=Broken(**SMALL), out=str(out), scheduler="sync", progress=False)
     assert not os.path.exists(out)
-    # sampled mode does not sort, so it does not ask
-    cube = replay.run(store, task=Broken(**SMALL), out=str(out), scheduler="sync",
-                      progress=False, gradient=replay.Sampled(batches=1, batch_size=4),
-                      quadrature="first-order", datasets=["valid"])
-    assert "batch_order" not in cube.attrs["settings"]
+    # sampled mode sorts its samples by the same item_size, so it is refused the same way
+    with pytest.raises(TaskError, match=r"returned inf for item \d+ of dataset 'train'"):
+        replay.run(store, task=Broken(**SMALL), out=str(out), scheduler="sync", progress=False,
+                   gradient=replay.Sampled(batches=1, batch_size=4), quadrature="first-order")
+    assert not os.path.exists(out)
 
 
 def test_sorted_batches_do_not_depend_on_chunking_or_workers(store, tmp_path):
@@ -122,3 +122,38 @@ def test_sorted_batches_do_not_depend_on_chunking_or_workers(store, tmp_path):
     two = replay.run(store, task=ToyNMT(**SMALL), out=str(tmp_path / "f.zarr"), chunk_size=2,
                      **{**kw, "scheduler": "threads:2"})
     assert np.array_equal(one["lca"].values, two["lca"].values)
+
+
+def test_a_sample_is_pooled_into_sorted_batches_of_the_batch_size(store, tmp_path):
+    """Sampled mode: the m mini-batches of a step are evaluated pooled (one batch here), which
+    gives the pooled mean of the m batches' losses, as evaluating them one by one does."""
+    from replay.gradients import sample_indices
+
+    mode = replay.Sampled(batches=3, batch_size=8, seed=5)
+    task = ToyNMT(**SMALL)
+    items = task.datasets()["train"]
+    sample = sample_indices(mode, "train", len(items), 2)
+    pooled = plan_batches(task, "train", items, 16, np.concatenate(sample))
+    assert [len(b) for b in pooled] == [16, 8]
+    assert sorted(np.concatenate(pooled).tolist()) == sorted(np.concatenate(sample).tolist())
+    sizes = [task.item_size(items[i]) for i in np.concatenate(pooled)]
+    assert sizes == sorted(sizes)
+
+    kw = dict(quadrature="trapezoid", precision="float64", scheduler="sync", progress=False,
+              groups=["tensor"], datasets=["train"], gradient=mode)
+    cube = replay.run(store, task=task, out=str(tmp_path / "s.zarr"), **kw)
+    assert '"sample_batches": "pooled"' in cube.attrs["settings"]
+    # the step-2 loss, by hand: Σ loss / Σ count over the three mini-batches, one at a time
+    import torch
+
+    model = task.build_model().double().eval()
+    model.load_state_dict({k: v.double() for k, v in replay.open_trajectory(store)
+                           .params(2).items()})
+    total = count = 0.0
+    with torch.no_grad():
+        for idx in sample:
+            batch = task.collate([items[i] for i in idx])
+            loss_sum, n = task.loss(model, batch)
+            total, count = total + float(loss_sum), count + n
+    np.testing.assert_allclose(float(cube["loss"].sel(step=2, dataset="train")), total / count,
+                               rtol=1e-12)
