@@ -139,8 +139,8 @@ class LossOracle:
     Exact mode collates each dataset once, in the batches of :func:`plan_batches`, and keeps
     them for the oracle's lifetime (one task's chunk of steps): the data loop is the replay's
     hot path. Sampled mode pools a step's mini-batches into batches of ``batch_size`` items
-    (the loss is the pooled mean either way): four batches of 32 cost about as much per item
-    as one of 128 would cost in all, per-op overhead being what small batches pay for.
+    (the loss is the pooled mean either way): small batches pay per-op overhead for every
+    item, and on the demo one batch of 128 pairs costs 1.66x less than four of 32.
     """
 
     def __init__(self, task, flat, datasets: Sequence[str], mode: Sampled | None,

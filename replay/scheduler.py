@@ -54,7 +54,7 @@ def glibc_default_malloc():
             os.environ[_DASK_TRIM] = saved
 
 
-# Dask's own background work, turned down in the LocalClusters a replay starts: idle, two
+# Dask's own background work, turned down in the clusters a replay starts: idle, two
 # workers with Dask's defaults took 19 % of a core between them and their driver (measured with
 # psutil), taken from the gradient evaluations on a small machine; with these, 2 %.
 QUIET_DASK = {
