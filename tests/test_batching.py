@@ -1,4 +1,5 @@
-"""Exact mode's batches: items sorted by the task's ``item_size``, and the numbers unchanged."""
+"""A replay's batches: whole datasets (exact) or pooled samples (sampled), sorted by the task's
+``item_size``, and the numbers unchanged."""
 
 from __future__ import annotations
 
@@ -23,9 +24,6 @@ SMALL = {"vocab_size": 16, "train_size": 120, "valid_size": 30, "test_size": 4, 
 class Sized:
     """Items are their own sizes."""
 
-    def __init__(self, sizes):
-        self.sizes = sizes
-
     def item_size(self, item):
         return item
 
@@ -47,7 +45,7 @@ def store(tmp_path_factory):
 
 def test_items_are_batched_by_size_ties_in_dataset_order():
     items = [5, 2, 9, 2, 5, 1, 9]
-    batches = plan_batches(Sized(items), "train", items, 3)
+    batches = plan_batches(Sized(), "train", items, 3)
     assert [b.tolist() for b in batches] == [[5, 1, 3], [0, 4, 2], [6]]
     plain = plan_batches(object(), "train", items, 3)
     assert [b.tolist() for b in plain] == [[0, 1, 2], [3, 4, 5], [6]]
@@ -58,7 +56,7 @@ def test_a_bad_item_size_names_the_item_and_dataset(bad):
     items = [3, bad, 1]
     with pytest.raises(TaskError, match=r"^task item_size\(\) returned .* for item 1 of dataset "
                                         r"'valid'; it must return a finite number"):
-        plan_batches(Sized(items), "valid", items, 2)
+        plan_batches(Sized(), "valid", items, 2)
 
 
 def test_toy_nmt_batches_hold_pairs_of_similar_length():
