@@ -3,7 +3,7 @@
 One replay step per tensor needs ``lca = delta * gbar``, per-group sums of ``lca``, per-group
 counts of ``lca < 0`` and ``cum += lca``. This compares, in one run with interleaved repeats:
 
-- numba: :class:`replay.kernel.Reducer` over G synthetic tensors (one pass over memory), both
+- numba: :class:`replay.engine.kernel.Reducer` over G synthetic tensors (one pass over memory), both
   as one launch over the flat parameter vector (``reduce_flat``) and tensor by tensor (``add``);
 - torch: the best of four plain-torch pipelines: over per-element group ids (product,
   ``index_add_`` into G groups, ``bincount`` of the negatives, ``cum += lca``), and tensor by
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from replay.groups import resolve_groupings
-from replay.kernel import Reducer
+from replay.grouping.groupings import resolve_groupings
+from replay.engine.kernel import Reducer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402

@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from replay.record import Recorder
-from replay.store import open_trajectory
+from replay.record.recorder import Recorder
+from replay.store.trajectory import open_trajectory
 from replay.tasks.toy_nmt import ToyNMT
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

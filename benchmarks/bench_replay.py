@@ -5,7 +5,7 @@ valid, ``--steps`` recorded updates) with ``scheduler="sync"`` and 1 torch threa
 plain torch loop in the same process that performs the same number of gradient evaluations
 (the engine's own count: 2 per step + 1 to start, the end gradient of a step being the next
 step's start) at the same parameters, over the same data already collated into the same
-batches (``replay.gradients.plan_batches``: sorted by the task's ``item_size``), at 1 torch
+batches (``replay.engine.gradients.plan_batches``: sorted by the task's ``item_size``), at 1 torch
 thread: nothing but ``loss.backward()`` per batch. That loop is the physical bound of any
 replay; efficiency = bound time / engine time (target >= 0.9).
 
@@ -50,7 +50,7 @@ class PlainLoop:
     """The bound: forward + backward over pre-collated batches at given parameter vectors."""
 
     def __init__(self, task, datasets, batch_size: int):
-        from replay.gradients import plan_batches
+        from replay.engine.gradients import plan_batches
 
         self.task = task
         self.model = task.build_model().eval()

@@ -67,8 +67,8 @@ def child(mode: str, store: str, task_ref: str, task_args: dict, datasets: list[
     import torch
 
     import replay
-    import replay.engine  # noqa: F401  (same imports in every mode)
-    from replay.kernel import warm_up
+    import replay.engine.driver  # noqa: F401  (same imports in every mode)
+    from replay.engine.kernel import warm_up
     from replay.task import load_task
 
     torch.set_num_threads(1)

@@ -19,24 +19,24 @@ import importlib
 __version__ = "0.2.0"
 
 _API = {
-    "Recorder": "replay.record",
-    "open_trajectory": "replay.store",
-    "Trajectory": "replay.store",
+    "Recorder": "replay.record.recorder",
+    "open_trajectory": "replay.store.trajectory",
+    "Trajectory": "replay.store.trajectory",
     "TrajectoryError": "replay.errors",
     "ReplayError": "replay.errors",
     "Task": "replay.task",
     "load_task": "replay.task",
-    "run": "replay.engine",
-    "prepare": "replay.engine",
-    "resolve_groupings": "replay.groups",
-    "Grouping": "replay.groups",
+    "run": "replay.engine.driver",
+    "prepare": "replay.engine.driver",
+    "resolve_groupings": "replay.grouping.groupings",
+    "Grouping": "replay.grouping.groupings",
     "LCAError": "replay.errors",
     "CubeError": "replay.errors",
     "ConfigError": "replay.errors",
     "TaskError": "replay.errors",
     "GroupingError": "replay.errors",
-    "Sampled": "replay.gradients",
-    "load_param_lca": "replay.cube",
+    "Sampled": "replay.engine.gradients",
+    "load_param_lca": "replay.cube.writer",
 }
 
 __all__ = sorted(_API) + ["__version__"]

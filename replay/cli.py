@@ -19,7 +19,7 @@ COMMAND_MODULES = (
     "replay.commands.train",      # train
     "replay.commands.demo",       # demo
     "replay.commands.replay",     # replay
-    "replay.commands.cluster",    # submit, status
+    "replay.commands.submit",    # submit, status
     "analysis.commands",          # report, export
 )
 

@@ -63,7 +63,7 @@ def train(model: torch.nn.Module, steps: int, recorders=(), seed: int = 1, lr: f
 
 
 def main(argv: list[str]) -> None:
-    from replay.record import Recorder
+    from replay.record.recorder import Recorder
 
     torch.set_num_threads(1)     # bit-identical to the parent's in-process rerun
     path, steps = argv[0], int(argv[1])

@@ -12,7 +12,7 @@ import replay
 from replay.commands.train import train
 from replay.config import Config, from_mapping
 from replay.errors import CubeError, TaskError
-from replay.gradients import plan_batches
+from replay.engine.gradients import plan_batches
 from replay.tasks.toy_nmt import ToyNMT
 
 REF = "replay.tasks.toy_nmt:ToyNMT"
@@ -125,7 +125,7 @@ def test_sorted_batches_do_not_depend_on_chunking_or_workers(store, tmp_path):
 def test_a_sample_is_pooled_into_sorted_batches_of_the_batch_size(store, tmp_path):
     """Sampled mode: the m mini-batches of a step are evaluated pooled (one batch here), which
     gives the pooled mean of the m batches' losses, as evaluating them one by one does."""
-    from replay.gradients import sample_indices
+    from replay.engine.gradients import sample_indices
 
     mode = replay.Sampled(batches=3, batch_size=8, seed=5)
     task = ToyNMT(**SMALL)

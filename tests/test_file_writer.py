@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from replay.file_writer import FileWriter
+from replay.store.files import FileWriter
 
 
 class SmallStage(FileWriter):
@@ -46,7 +46,7 @@ def test_files_hold_exactly_the_chunks_with_their_hash(tmp_path, cls, direct):
 # injected where the file system would give them: at open, or at the first aligned write.
 @pytest.mark.parametrize("where", ["open", "write"])
 def test_a_file_system_refusing_o_direct_gets_ordinary_writes(tmp_path, monkeypatch, where):
-    import replay.file_writer as fw
+    import replay.store.files as fw
 
     if where == "open":
         real_open = os.open
@@ -78,7 +78,7 @@ def test_a_file_system_refusing_o_direct_gets_ordinary_writes(tmp_path, monkeypa
 
 
 def test_a_full_disk_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
-    import replay.file_writer as fw
+    import replay.store.files as fw
 
     def full(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from replay.groups import resolve_groupings
-from replay.kernel import (
+from replay.grouping.groupings import resolve_groupings
+from replay.engine.kernel import (
     _PARALLEL_MIN,
     BLOCK,
     Reducer,

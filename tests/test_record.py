@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from replay.errors import RecorderError
-from replay.record import Recorder
-from replay.store import open_trajectory
+from replay.record.recorder import Recorder
+from replay.store.trajectory import open_trajectory
 from tests.helpers_record import make_model, train
 
 

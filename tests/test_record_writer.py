@@ -13,11 +13,11 @@ import pytest
 import torch
 from tests.helpers_record import make_model, train
 
-from replay.codec import apply_delta, bits, encode_delta
+from replay.store.codec import apply_delta, bits, encode_delta
 from replay.errors import RecorderError
-from replay.record import Recorder
-from replay.record_writer import encode
-from replay.store import open_trajectory
+from replay.record.recorder import Recorder
+from replay.record.writer import encode
+from replay.store.trajectory import open_trajectory
 
 INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
           torch.float64: torch.int64}
@@ -64,7 +64,7 @@ def test_numpy_encoding_rebuilds_every_bit_pattern_through_the_torch_reader(dtyp
 
 @pytest.mark.parametrize("dtype", list(NAME))
 def test_numpy_encoding_equals_the_torch_encoding_on_finite_values(dtype):
-    # Same Δ and the same corrections as replay.codec (which also lists NaN results, as
+    # Same Δ and the same corrections as replay.store.codec (which also lists NaN results, as
     # the writer does, only where it must): both sides compute the same IEEE operations.
     g = torch.Generator().manual_seed(3)
     start = torch.randn(50_000, generator=g, dtype=torch.float64).mul(1e-3).to(dtype)
@@ -78,7 +78,7 @@ def test_numpy_encoding_equals_the_torch_encoding_on_finite_values(dtype):
 
 def test_a_writer_that_cannot_start_is_a_one_line_error_and_creates_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "executable", "/bin/false")
-    with pytest.raises(RecorderError, match=r"writer process \(/bin/false, replay\.record_writer"
+    with pytest.raises(RecorderError, match=r"writer process \(/bin/false, replay\.record\.writer"
                                             r"\) did not start \(exit status 1\)"):
         Recorder(make_model(), tmp_path / "traj").start()
     assert not (tmp_path / "traj").exists()

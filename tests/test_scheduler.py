@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from replay.scheduler import QUIET_DASK, executor, local_cluster
+from replay.cluster.executor import QUIET_DASK, executor, local_cluster
 
 
 def _worker_view():

@@ -13,11 +13,11 @@ import torch
 from tests.helpers_record import make_model, train
 
 from replay.cli import main
-from replay.codec import DTYPE_NAMES, apply_delta, bits, encode_delta, header_metadata
-from replay.record_writer import to_safetensors
+from replay.store.codec import DTYPE_NAMES, apply_delta, bits, encode_delta, header_metadata
+from replay.record.writer import to_safetensors
 from replay.errors import TrajectoryError
-from replay.record import Recorder
-from replay.store import FORMAT_VERSION, open_trajectory
+from replay.record.recorder import Recorder
+from replay.store.trajectory import FORMAT_VERSION, open_trajectory
 
 
 def record(path, steps=40, model=None, **kw):
@@ -307,14 +307,14 @@ def test_format_1_stores_are_still_read_bit_exact():
 
 def test_dtype_tables_agree():
     # manifest.py (torch-free, read by the writer process) and codec.py name the same dtypes.
-    from replay import codec, manifest
+    from replay.store import codec, manifest
 
     assert tuple(codec.PARAM_DTYPES) == manifest.PARAM_DTYPES
     assert tuple(codec.STATE_DTYPES) == manifest.STATE_DTYPES
 
 
 def test_format_2_delta_files_are_checked_before_use():
-    from replay.snapshot import FlatLayout
+    from replay.record.snapshot import FlatLayout
 
     layout = FlatLayout([("a", (2, 3), torch.float32), ("b", (4,), torch.float32),
                          ("c", (2,), torch.float64)])

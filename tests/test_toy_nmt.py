@@ -188,7 +188,7 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
 
 def test_train_records_a_replayable_trajectory(tmp_path):
-    from replay.store import open_trajectory
+    from replay.store.trajectory import open_trajectory
 
     config = small_config(steps=12)
     config = dataclasses.replace(config, record=dataclasses.replace(config.record, every=5))

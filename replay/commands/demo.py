@@ -29,9 +29,9 @@ def register(sub) -> None:
 def main(args) -> int:
     from replay.commands.train import train
     from replay.config import load_config
-    from replay.engine import run
-    from replay.gradients import Sampled
-    from replay.store import open_trajectory
+    from replay.engine.driver import run
+    from replay.engine.gradients import Sampled
+    from replay.store.trajectory import open_trajectory
 
     config = load_config(args.config)
     began = time.perf_counter()

@@ -82,7 +82,7 @@ def resolve(args) -> dict:
     pick = lambda flag, default: default if flag is None else flag
     gradient = pick(args.gradient, rc.gradient)
     if gradient == "sampled":
-        from replay.gradients import Sampled
+        from replay.engine.gradients import Sampled
 
         batches, size = pick(args.batches, rc.batches), pick(args.batch_size, rc.batch_size)
         if batches is None or size is None:
@@ -118,13 +118,13 @@ def resolve(args) -> dict:
 def main(args) -> int:
     kw = resolve(args)
     if args.print_job_script:
-        from replay.cluster import job_script
+        from replay.cluster.jobqueue import job_script
 
         scheduler = kw["scheduler"]
         print(job_script(scheduler, threads=kw["threads"], device=kw["device"],
                          **kw.get("cluster_options", {})))
         return 0
-    from replay.engine import run
+    from replay.engine.driver import run
 
     run(**kw)
     return 0

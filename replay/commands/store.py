@@ -63,7 +63,7 @@ def _size(n: int) -> str:
 
 
 def cmd_info(args) -> int:
-    from replay.store import open_trajectory
+    from replay.store.trajectory import open_trajectory
 
     s = summary(open_trajectory(args.store))
     if args.json:
@@ -93,7 +93,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from replay.store import open_trajectory
+    from replay.store.trajectory import open_trajectory
 
     traj = open_trajectory(args.store)
     found = traj.problems()
@@ -102,7 +102,7 @@ def cmd_verify(args) -> int:
             print(f"  also: {line}")
         more = f" (and {len(found) - 1} more problem(s) listed above)" if len(found) > 1 else ""
         raise TrajectoryError(found[0] + more)
-    from replay.integrity import rebuilt_keyframes
+    from replay.store.verify import rebuilt_keyframes
 
     print(f"OK {traj.path}: {len(traj.steps)} steps, {len(traj.files())} files "
           f"({traj.nbytes():,} bytes) match their sha256; {rebuilt_keyframes(traj)} of "

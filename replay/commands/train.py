@@ -68,7 +68,7 @@ def train(config: Config, store_path: str | None = None, *, record: bool = True,
     optimizer = make_optimizer(model, cfg)
     batches = training_batches(task, cfg.batch_size, cfg.seed)
     if record:
-        from replay.record import Recorder
+        from replay.record.recorder import Recorder
 
         rec = Recorder(model, path, task=config.task.ref, task_args=config.task.args,
                        keyframe_every=config.record.keyframe_every, every=config.record.every,
@@ -167,7 +167,7 @@ def mean_loss(task: Task, model: torch.nn.Module, items) -> float:
 
 
 def _describe_store(path: str) -> str:
-    from replay.store import open_trajectory
+    from replay.store.trajectory import open_trajectory
 
     trajectory = open_trajectory(path)
     size = trajectory.nbytes() / 1e6

@@ -16,7 +16,7 @@ import xarray as xr
 import zarr
 
 import replay
-from replay.scheduler import thread_env
+from replay.cluster.executor import thread_env
 from tests.test_record import recorder_survives_sigkill
 from tests.reliability.helpers import (
     ARGS, COMMON, ROOT, SLOW, assert_same_cube, cli, lca, one_line_error, record, task_flags,
@@ -234,7 +234,7 @@ def test_interrupted_finalisation_is_redone(run24, tmp_path):
     """Killed while adding the per-parameter parts (all steps done, a `param_lca` array
     created but not marked complete, the parts still there): the per-parameter LCA is refused
     as unfinished, and the next run finalises it to the uninterrupted result."""
-    from replay import engine
+    from replay.engine import driver as engine
 
     store, reference = run24
     cube = str(tmp_path / "c.zarr")

@@ -11,12 +11,12 @@ import sys
 import pytest
 
 from replay.errors import CubeBusyError
-from replay.lock import CubeLock
+from replay.cube.lock import CubeLock
 from tests.reliability.helpers import ROOT
 
 HOLD = """
 import sys, time
-from replay.lock import CubeLock
+from replay.cube.lock import CubeLock
 guard = CubeLock(sys.argv[1]).__enter__()
 guard.claim([0, 1, 5])
 print("held", flush=True)

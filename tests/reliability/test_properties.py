@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import replay
-from replay import cube as cubes
-from replay.codec import same_bits
-from replay.engine import plan_pieces
-from replay.store import open_trajectory
+from replay.cube import writer as cubes
+from replay.store.codec import same_bits
+from replay.engine.driver import plan_pieces
+from replay.store.trajectory import open_trajectory
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 FAST = settings(max_examples=12, deadline=None, derandomize=True,

@@ -1,8 +1,8 @@
 """Reading a trajectory store (formats 1 and 2, DESIGN §2): θ_t at every recorded step, bit-exact.
 
-A store is a directory or fsspec URL with ``manifest.json`` (see :mod:`replay.manifest`),
+A store is a directory or fsspec URL with ``manifest.json`` (see :mod:`replay.store.manifest`),
 ``keyframes/`` (full θ_t), ``deltas/`` (Δ to the next recorded step plus sparse corrections,
-see :mod:`replay.codec`; one flat tensor per dtype group in format 2, one per parameter in 1)
+see :mod:`replay.store.codec`; one flat tensor per dtype group in format 2, one per parameter in 1)
 and ``state/`` (frozen parameters and buffers). Only safetensors and JSON are read, whole files
 at a time, each checked against its sha256 and size in the manifest.
 """
@@ -17,12 +17,12 @@ from collections.abc import Iterator
 import safetensors.torch
 import torch
 
-from replay.codec import (
+from replay.store.codec import (
     PARAM_DTYPES, STATE_DTYPES, apply_delta, check_delta_payload, check_tensors, header_metadata,
 )
 from replay.errors import TrajectoryError
-from replay.manifest import FORMAT_VERSION, MANIFEST, Source, read_manifest
-from replay.snapshot import FlatLayout
+from replay.store.manifest import FORMAT_VERSION, MANIFEST, Source, read_manifest
+from replay.record.snapshot import FlatLayout
 
 __all__ = ["FORMAT_VERSION", "Trajectory", "open_trajectory"]
 
@@ -260,7 +260,7 @@ class Trajectory:
         Reads every listed file once (size, sha256, decoding, shapes, dtypes) while walking
         each keyframe segment, and checks that the deltas into a keyframe rebuild it bit for bit.
         """
-        from replay.integrity import store_problems
+        from replay.store.verify import store_problems
 
         return store_problems(self, first_only=first_only)
 

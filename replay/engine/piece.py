@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from replay import cube
-from replay.devices import task_device
+from replay.cube import writer as cube
+from replay.engine.devices import task_device
 from replay.errors import ReplayError
-from replay.flat import FlatModel
-from replay.gradients import LossOracle, Sampled
-from replay.quadrature import Point, integrate
-from replay.kernel import Reducer
+from replay.engine.flat_model import FlatModel
+from replay.engine.gradients import LossOracle, Sampled
+from replay.engine.quadrature import Point, integrate
+from replay.engine.kernel import Reducer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -58,7 +58,7 @@ class Spec:
 
 class _Runtime:
     def __init__(self, spec: Spec):
-        from replay.store import open_trajectory
+        from replay.store.trajectory import open_trajectory
         from replay.task import load_task
 
         self.traj = open_trajectory(spec.trajectory)

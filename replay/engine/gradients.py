@@ -1,7 +1,7 @@
 """Gradient modes (DESIGN §5): the whole dataset, or a seeded mini-batch sample per step.
 
 :class:`LossOracle` evaluates L(θ; D) and ∇L(θ; D) for every dataset at the parameters
-currently held by a :class:`replay.flat.FlatModel`.
+currently held by a :class:`replay.engine.flat_model.FlatModel`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from replay.errors import ConfigError, ReplayError, TaskError
-from replay.quadrature import Point
+from replay.engine.quadrature import Point
 
 
 @dataclass(frozen=True)

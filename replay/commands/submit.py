@@ -76,12 +76,12 @@ def _replay_kwargs(source: str, cube: str | None) -> dict:
 def plan(source: str, cube: str | None, n: int, *, create: bool) -> tuple[str, list]:
     """The cube path and ``n`` (or fewer) ``(A, B)`` step slices of whole cube chunks.
 
-    create: make the cube now (``replay.engine.prepare``) unless it exists, so that the array
+    create: make the cube now (``replay.engine.driver.prepare``) unless it exists, so that the array
     tasks only ever resume it; concurrent first writers would race to create it.
     """
-    from replay import cube as cubes
-    from replay import engine
-    from replay.store import open_trajectory
+    from replay.cube import writer as cubes
+    from replay.engine import driver as engine
+    from replay.store.trajectory import open_trajectory
 
     kw = _replay_kwargs(source, cube)
     starts = np.asarray(open_trajectory(kw["trajectory"]).steps[:-1], dtype=np.int64)
@@ -104,7 +104,7 @@ def plan(source: str, cube: str | None, n: int, *, create: bool) -> tuple[str, l
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from replay.batch import submit
+    from replay.cluster.job_array import submit
 
     if args.array < 1:
         raise ConfigError(f"--array {args.array}: give at least 1 task")

@@ -26,7 +26,7 @@ import os
 import posixpath
 
 from replay.errors import TrajectoryError
-from replay.file_writer import FileWriter
+from replay.store.files import FileWriter
 
 # Dtype names a store may hold (torch-free here: the recorder's writer process reads this module).
 PARAM_DTYPES = ("float16", "bfloat16", "float32", "float64")

@@ -6,7 +6,7 @@ Two ways to spread a replay over a batch system:
   whose workers are batch jobs (dask-jobqueue), configured from dask's own config sections
   ``jobqueue.<kind>`` (or a named one), with per-call overrides. :func:`job_script` shows the
   script such a job runs.
-- :mod:`replay.batch` (``lca submit``): fire and forget, a SLURM job array of step slices.
+- :mod:`replay.cluster.job_array` (``lca submit``): fire and forget, a SLURM job array of step slices.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import dask.config
 import yaml
 
 from replay.errors import LCAError
-from replay.scheduler import QUIET_DASK
+from replay.cluster.executor import QUIET_DASK
 
 __all__ = [
     "ClusterError",
@@ -60,7 +60,7 @@ def _load_defaults() -> None:
     """Put replay/jobqueue.yaml under dask's config (lowest priority: user files win)."""
     global _defaults_loaded
     if not _defaults_loaded:
-        text = resources.files("replay").joinpath("jobqueue.yaml").read_text()
+        text = resources.files("replay.cluster").joinpath("jobqueue.yaml").read_text()
         dask.config.update_defaults(yaml.safe_load(text))
         _defaults_loaded = True
 

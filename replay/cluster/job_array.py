@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from replay.cluster import ClusterError
+from replay.cluster.jobqueue import ClusterError
 
 __all__ = [
     "Submission",
@@ -54,7 +54,7 @@ def array_script(config_path, *, cube, slices: Sequence[tuple[int, int]],
                  job_name: str = "lca-replay") -> str:
     """An sbatch array script: task i runs ``lca replay CONFIG --cube CUBE --steps A_i:B_i``.
 
-    slices: ``[(A_i, B_i), ...]`` of whole cube chunks, from ``replay.engine.plan_slices``
+    slices: ``[(A_i, B_i), ...]`` of whole cube chunks, from ``replay.engine.driver.plan_slices``
     (array indices 0..len-1).
     extra_sbatch: further ``#SBATCH`` options, e.g. ``["--partition=debug", "--time=2:00:00"]``.
     log_dir: where ``replay-<array job>_<task>.out`` go (default: the current directory).

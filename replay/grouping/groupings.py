@@ -5,9 +5,9 @@ row (``row_groups``: one segment id per row, i.e. per index along dimension 0 â€
 buckets of an embedding matrix). :func:`resolve_groupings` builds groupings from a spec:
 
 - a preset name: ``tensor``, ``layer``, ``transformer``, ``sparse-dense``
-  (:mod:`replay.grouping_presets`), ``frequency`` or ``frequency:N``;
+  (:mod:`replay.grouping.presets`), ``frequency`` or ``frequency:N``;
 - a preset with options: ``{preset: frequency, buckets: 10, name: freq10}``;
-- user rules (a YAML file path or the parsed dict, :mod:`replay.grouping_rules`);
+- user rules (a YAML file path or the parsed dict, :mod:`replay.grouping.rules`);
 - a list of the above (grouping names must be unique). A YAML file may hold a list too.
 
 Every grouping is checked to be a partition (each element in exactly one group) before use;
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from replay.errors import GroupingError
-from replay.grouping_presets import PRESETS
+from replay.grouping.presets import PRESETS
 
 __all__ = ["PRESET_NAMES", "Grouping", "frequency_buckets", "resolve_groupings"]
 
@@ -256,7 +256,7 @@ def _flatten(spec, source) -> list[tuple[object, str | None]]:
         if source is not None:
             raise GroupingError(f"{source}: grouping files cannot include other files "
                                 f"({os.fspath(spec)!r}); list presets or rule mappings")
-        from replay.grouping_rules import load_yaml
+        from replay.grouping.rules import load_yaml
 
         return _flatten(load_yaml(spec), source=os.fspath(spec))
     return [(spec, source)]
@@ -297,7 +297,7 @@ def _one(item, source, names, shapes, token_counts, aliases) -> Grouping:
                                 f"{', '.join(PRESET_NAMES)}")
         return _preset(preset, name, names, shapes)
     if isinstance(item, Mapping):
-        from replay.grouping_rules import rules_grouping
+        from replay.grouping.rules import rules_grouping
 
         return rules_grouping(item, source, names, shapes, token_counts, aliases)
     raise GroupingError(f"{where}: a grouping must be a preset name, a YAML path or a mapping, "

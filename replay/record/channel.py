@@ -1,4 +1,4 @@
-"""The Recorder's end of its writer process (:mod:`replay.record_writer`).
+"""The Recorder's end of its writer process (:mod:`replay.record.writer`).
 
 Starts the process, shares the snapshot buffers with it (a memfd, or an unlinked temporary file
 where there is no memfd), hands it one JSON line per recorded step, and reads what it reports:
@@ -21,18 +21,18 @@ import time
 
 import torch
 
-from replay.codec import DTYPE_NAMES
+from replay.store.codec import DTYPE_NAMES
 from replay.errors import RecorderError
-from replay.record_writer import CONTROL_BYTES
-from replay.snapshot import Buffers, FlatLayout
+from replay.record.writer import CONTROL_BYTES
+from replay.record.snapshot import Buffers, FlatLayout
 
 __all__ = ["WriterProcess"]
 
 # Not `-m`: that puts the working directory first on sys.path, where a user's own `replay`
 # package would shadow this one. The process imports this very copy of the package.
-_START = (f"import sys; sys.path.insert(0, "
-          f"{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}); "
-          "from replay.record_writer import main; sys.exit(main())")
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_START = (f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
+          "from replay.record.writer import main; sys.exit(main())")
 
 
 class WriterProcess:
@@ -77,7 +77,7 @@ class WriterProcess:
         if not self.ready:
             self.proc.kill()
             raise RecorderError(
-                f"the Recorder's writer process ({sys.executable}, replay.record_writer) did "
+                f"the Recorder's writer process ({sys.executable}, replay.record.writer) did "
                 f"not start (exit status {self.proc.wait()}); its error is printed above")
 
     def _buffers(self, layout: FlatLayout, groups: list, base: int) -> Buffers:

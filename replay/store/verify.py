@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from replay.codec import apply_delta, bits, same_bits
+from replay.store.codec import apply_delta, bits, same_bits
 from replay.errors import TrajectoryError
-from replay.manifest import MANIFEST
+from replay.store.manifest import MANIFEST
 
 if TYPE_CHECKING:
-    from replay.store import Trajectory
+    from replay.store.trajectory import Trajectory
 
 
 class _Stop(Exception):

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from replay.codec import (
+from replay.store.codec import (
     DTYPE_NAMES, FIX_IDX, FIX_VAL, PARAM_DTYPES, STATE_DTYPES,
 )
 from replay.errors import RecorderError
@@ -91,9 +91,9 @@ class FlatLayout:
 
         Per dtype group ``D`` (e.g. ``float32``) the file holds ``delta.D``, the group's flat Δ
         (the parameters of that dtype concatenated in manifest order, encoded as in
-        :mod:`replay.codec`) and, where some element needs one, ``fix_idx.D`` / ``fix_val.D``:
+        :mod:`replay.store.codec`) and, where some element needs one, ``fix_idx.D`` / ``fix_val.D``:
         ascending flat indices into the group and exact values. The writer is
-        :func:`replay.record_writer.encode`."""
+        :func:`replay.record.writer.encode`."""
         known = {f"{key}.{DTYPE_NAMES[d]}" for d in self.groups for key, _ in _FLAT_KEYS}
         extra = sorted(set(payload) - known)
         if extra:

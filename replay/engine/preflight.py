@@ -16,7 +16,7 @@ import shutil
 import numpy as np
 
 from replay.errors import CubeError, LCAError, TaskError, TrajectoryError
-from replay.lock import CubeLock
+from replay.cube.lock import CubeLock
 
 
 def check_model(task_inst, traj, ref) -> None:
@@ -57,7 +57,7 @@ def check_files(traj, starts, ends, todo) -> None:
     A missing or truncated file then stops the run before the cube is touched (contents are
     checked against their sha256 as they are read). One ``stat`` per file; local stores only.
     """
-    from replay.manifest import MANIFEST, is_remote, local_path
+    from replay.store.manifest import MANIFEST, is_remote, local_path
 
     if not todo.any() or is_remote(traj.path):
         return

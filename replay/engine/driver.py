@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from replay import cube, guard
+from replay.cube import writer as cube
+from replay.engine import preflight as guard
 from replay.errors import ConfigError, ReplayError, TaskError
-from replay.gradients import Sampled, describe_gradient, parse_gradient, plan_batches, sorts_by_size
-from replay.lock import CubeLock
-from replay.quadrature import check_quadrature
-from replay.scheduler import JOBQUEUE, executor
-from replay.worker import DTYPES, Spec, compute_piece
+from replay.engine.gradients import Sampled, describe_gradient, parse_gradient, plan_batches, sorts_by_size
+from replay.cube.lock import CubeLock
+from replay.engine.quadrature import check_quadrature
+from replay.cluster.executor import JOBQUEUE, executor
+from replay.engine.piece import DTYPES, Spec, compute_piece
 
 DEFAULT_BATCH = 256
 
@@ -47,7 +48,7 @@ def run(trajectory, task=None, datasets: Sequence[str] | None = None, gradient="
     ``trust_task=True`` to import the reference stored in the manifest. ``steps``: ``"A:B"``,
     ``(A, B)`` or ``slice(A, B)``, the intervals whose start t has A <= t < B. Re-running on an
     existing cube computes only the steps not yet done. ``scheduler``: see
-    :mod:`replay.scheduler`; ``threads``: torch threads per task (part of the settings, since
+    :mod:`replay.cluster.executor`; ``threads``: torch threads per task (part of the settings, since
     float results depend on it).
     """
     began = time.perf_counter()
@@ -115,8 +116,8 @@ def prepare(trajectory, task=None, datasets: Sequence[str] | None = None, gradie
     ``(A, B)`` or ``slice(A, B)``, the intervals whose start t has A <= t < B. Re-running on an
     existing cube computes only the steps not yet done.
     """
-    from replay.groups import resolve_groupings
-    from replay.store import open_trajectory
+    from replay.grouping.groupings import resolve_groupings
+    from replay.store.trajectory import open_trajectory
 
     traj = open_trajectory(trajectory)
     mode = parse_gradient(gradient)

@@ -172,7 +172,7 @@ def executor(scheduler, *, threads: int = 1, device: str = "cpu",
                                   f"with `dask scheduler --scheduler-file {scheduler}`")
             client, desc = Client(scheduler_file=scheduler), f"scheduler file {scheduler}"
         elif scheduler in JOBQUEUE:
-            from replay.cluster import make_jobqueue_cluster
+            from replay.cluster.jobqueue import make_jobqueue_cluster
 
             opts = dict(cluster_options or {})
             cluster = make_jobqueue_cluster(scheduler, threads=threads, device=device, **opts)

@@ -1,7 +1,7 @@
 """The Recorder: saves a training trajectory θ_0, θ_k, θ_2k, … into a store (format 2).
 
 The training thread only snapshots (copies every tensor off the training device into a shared
-memory buffer) and sends a line to the writer process (:mod:`replay.record_writer`), which
+memory buffer) and sends a line to the writer process (:mod:`replay.record.writer`), which
 computes deltas and corrections, hashes and writes the files, then commits them to
 manifest.json (at most every ``commit_interval`` seconds), so a crash leaves a store that is
 valid up to its last commit. Step t means "parameters after t optimizer updates".
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from replay.errors import RecorderError
-from replay.snapshot import FlatLayout, Snapshotter, manifest_spec, model_tensors
-from replay.writer_process import WriterProcess
-from replay.manifest import (
+from replay.record.snapshot import FlatLayout, Snapshotter, manifest_spec, model_tensors
+from replay.record.channel import WriterProcess
+from replay.store.manifest import (
     FORMAT_VERSION, MANIFEST, ManifestWriter, is_remote, local_path, write_atomic,
 )
 

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from replay.errors import GroupingError
-from replay.groups import (
+from replay.grouping.groupings import (
     Grouping,
     GroupingBuilder,
     _canonical_counts,

@@ -5,7 +5,7 @@ otherwise compete with the training loop for the GIL, which measured as +8% per 
 on the demo model even with a core to spare. The module imports numpy and the torch-free parts
 of the package only, so the process starts in about a tenth of a second.
 
-Started by :class:`replay.writer_process.WriterProcess`, which calls :func:`main` and talks to
+Started by :class:`replay.record.channel.WriterProcess`, which calls :func:`main` and talks to
 it over pipes, one JSON object per line:
 
 - stdin, first line: the configuration (store root, manifest header, mode, keyframe interval,
@@ -32,8 +32,8 @@ import time
 
 import numpy as np
 
-from replay.file_writer import FileWriter
-from replay.manifest import MANIFEST, ManifestWriter, file_name
+from replay.store.files import FileWriter
+from replay.store.manifest import MANIFEST, ManifestWriter, file_name
 
 # numpy storage for each store dtype (bfloat16 as its raw 16 bits) and the safetensors code.
 NUMPY = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32,
@@ -53,7 +53,7 @@ def bits(a: np.ndarray) -> np.ndarray:
 
 @np.errstate(all="ignore")      # Inf − Inf and friends are expected: they become corrections
 def encode(prev: np.ndarray, nxt: np.ndarray, dtype: str) -> tuple:
-    """(Δ, fix_idx, fix_val) of one flat group, exactly as :func:`replay.codec.encode_delta`
+    """(Δ, fix_idx, fix_val) of one flat group, exactly as :func:`replay.store.codec.encode_delta`
     defines them: Δ = fl(θ_next − θ_t) in float32 (float64 for float64), and the elements where
     the reader's ``(θ_t + Δ)`` cast back to the parameter dtype would not give θ_next's bits.
 

@@ -10,7 +10,7 @@ The encoding of one tensor ``name`` of shape S and dtype D is:
 
 Format-1 delta files hold exactly this per recorded parameter. Format 2 (written since 0.2)
 applies it to one flat buffer per parameter dtype, the parameters concatenated in manifest order
-(``delta.float32``, ``fix_idx.float32``, … see :meth:`replay.snapshot.FlatLayout.decode_delta`):
+(``delta.float32``, ``fix_idx.float32``, … see :meth:`replay.record.snapshot.FlatLayout.decode_delta`):
 the file header then no longer grows with the number of tensors, which for a model with many
 small tensors cost more than 2% of the store.
 
@@ -25,10 +25,10 @@ import json
 
 import torch
 
-from replay import manifest
+from replay.store import manifest
 
 # Dtypes a trajectory may hold, by the names written in manifest.json (listed, torch-free, in
-# replay.manifest for the writer process).
+# replay.store.manifest for the writer process).
 PARAM_DTYPES = {name: getattr(torch, name) for name in manifest.PARAM_DTYPES}
 STATE_DTYPES = {name: getattr(torch, name) for name in manifest.STATE_DTYPES}
 DTYPE_NAMES = {v: k for k, v in STATE_DTYPES.items()}
