@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
         args.steps, args.repeats = min(args.steps, 6), 1
     from distributed import Client
 
-    from replay.cluster.executor import local_cluster
+    from replay.cluster.worker_env import local_cluster
 
     work = args.work or tempfile.mkdtemp(prefix="bench-naive-")
     store = common.record_demo(os.path.join(work, f"demo-{args.steps}"), args.steps)

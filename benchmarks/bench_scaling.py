@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
         args.steps, args.repeats = min(args.steps, 12), 1
     from distributed import Client, get_task_stream
 
-    from replay.cluster.executor import local_cluster
+    from replay.cluster.worker_env import local_cluster
 
     work = args.work or tempfile.mkdtemp(prefix="bench-scaling-")
     store = common.record_demo(os.path.join(work, f"demo-{args.steps}"), args.steps)

@@ -48,7 +48,7 @@ def test_slurm_job_script_has_overrides_threads_and_lifetime():
 
 
 def test_worker_jobs_run_with_the_quiet_dask_settings():
-    from replay.cluster.executor import QUIET_DASK
+    from replay.cluster.worker_env import QUIET_DASK
 
     exports = [line for line in job_script("slurm", cores=2, memory="2GB").splitlines()
                if line.startswith("export DASK_")]
@@ -56,7 +56,7 @@ def test_worker_jobs_run_with_the_quiet_dask_settings():
     # what a worker process of the job reads back through dask's own environment parsing
     env = dict(os.environ)
     env.update(pair.split("=", 1) for pair in exports[0].split()[1:])
-    code = ("import dask, json; from replay.cluster.executor import QUIET_DASK; "
+    code = ("import dask, json; from replay.cluster.worker_env import QUIET_DASK; "
             "print(json.dumps({k: dask.config.get(k) for k in QUIET_DASK}))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout

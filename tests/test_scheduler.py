@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from replay.cluster.executor import QUIET_DASK, executor, local_cluster
+from replay.cluster.executor import executor
+from replay.cluster.worker_env import QUIET_DASK, local_cluster
 
 
 def _worker_view():

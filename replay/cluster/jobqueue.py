@@ -17,7 +17,7 @@ import dask.config
 import yaml
 
 from replay.errors import LCAError
-from replay.cluster.executor import QUIET_DASK
+from replay.cluster.worker_env import QUIET_DASK, thread_env
 
 __all__ = [
     "ClusterError",
@@ -50,8 +50,6 @@ _GPU_DIRECTIVES = {"slurm": ["--gres=gpu:1"], "lsf": ['-gpu "num=1"']}
 # Keywords JobQueueCluster consumes itself; everything else in `extra` goes to each job.
 _CLUSTER_ONLY = {"scheduler_options", "shared_temp_directory", "silence_logs", "name",
                  "asynchronous", "loop", "security", "protocol", "n_workers", "scheduler_cls"}
-_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                     "NUMBA_NUM_THREADS")
 
 _defaults_loaded = False
 
@@ -240,7 +238,7 @@ def _cluster_kwargs(kind, *, config_name=None, cores=None, memory=None, walltime
     # The engine sets torch and numba threads per task; these cover BLAS/OpenMP libraries too.
     prologue = list(kw.get("job_script_prologue", section.get("job-script-prologue")
                            or section.get("env-extra") or []))
-    prologue.append("export " + " ".join(f"{v}={threads}" for v in _THREAD_VARIABLES))
+    prologue.append("export " + " ".join(f"{k}={v}" for k, v in thread_env(threads).items()))
     prologue.append("export " + " ".join(_dask_env(QUIET_DASK)))
     kw["job_script_prologue"] = prologue
     if section.get("name") in (None, "dask-worker"):

@@ -16,7 +16,7 @@ import xarray as xr
 import zarr
 
 import replay
-from replay.cluster.executor import thread_env
+from replay.cluster.worker_env import thread_env
 from tests.test_record import recorder_survives_sigkill
 from tests.reliability.helpers import (
     ARGS, COMMON, ROOT, SLOW, assert_same_cube, cli, lca, one_line_error, record, task_flags,
