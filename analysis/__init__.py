@@ -1,4 +1,4 @@
-"""Analysis of LCA cubes: the ``.lca`` accessor, comparisons, figures and reports (DESIGN §9).
+"""Analysis of LCA cubes: the ``.lca`` accessor, comparisons, figures and reports (docs/design.md §9).
 
 ``import analysis`` registers ``.lca`` on xarray Datasets and DataArrays. Public API:
 

@@ -73,7 +73,7 @@ class _Common:
 
 @xr.register_dataset_accessor("lca")
 class LCADatasetAccessor(_Common):
-    """``cube.lca``: LCA analysis of a whole cube (DESIGN §9)."""
+    """``cube.lca``: LCA analysis of a whole cube (docs/design.md §9)."""
 
     def loss_reconstruction(self, grouping: str | None = None) -> xr.DataArray:
         """loss[0] + cumsum of Σ_group LCA, indexed by step_end (step, dataset)."""

@@ -1,7 +1,7 @@
-"""Opening, checking and describing LCA cubes (DESIGN §7), and exporting them to netCDF.
+"""Opening, checking and describing LCA cubes (docs/design.md §7), and exporting them to netCDF.
 
 A cube is an xarray Dataset with dims ``step`` (start t of each replayed interval), ``group``
-and ``dataset``; see :data:`REQUIRED_VARIABLES` and :data:`REQUIRED_COORDS`.
+and ``dataset``, in the schema of :mod:`replay.cube.schema`.
 """
 
 from __future__ import annotations
@@ -13,18 +13,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from replay.cube import schema
 from replay.errors import CubeError, LCAError
-
-REQUIRED_VARIABLES = {
-    "lca": ("step", "group", "dataset"),
-    "helped": ("step", "group", "dataset"),
-    "loss": ("step", "dataset"),
-    "loss_next": ("step", "dataset"),
-    "residual": ("step", "dataset"),
-    "done": ("step",),
-}
-REQUIRED_COORDS = ("step", "step_end", "group", "grouping", "group_size", "dataset")
-
 
 def _is_url(path: str) -> bool:
     return "://" in path
@@ -53,16 +43,9 @@ def open_cube(path: str | os.PathLike) -> xr.Dataset:
 
 
 def check_cube(ds: xr.Dataset, where: str = "cube") -> None:
-    """Raise CubeError naming ``where`` if ``ds`` lacks a variable or coordinate of the schema."""
-    missing = [name for name in REQUIRED_VARIABLES if name not in ds.data_vars]
-    missing += [name for name in REQUIRED_COORDS if name not in ds.coords]
-    if missing:
-        raise CubeError(f"{where} is not an LCA cube: missing {', '.join(missing)} "
-                        "(a cube is written by `lca replay`)")
-    for name, dims in REQUIRED_VARIABLES.items():
-        if ds[name].dims != dims:
-            raise CubeError(f"{where} is not an LCA cube: variable {name!r} has dims "
-                            f"{ds[name].dims}, expected {dims}")
+    """Raise CubeError naming ``where`` if ``ds`` lacks a variable or coordinate of the schema
+    (:func:`replay.cube.schema.check`)."""
+    schema.check(ds, where)
 
 
 def _json_attr(ds: xr.Dataset, key: str) -> dict:

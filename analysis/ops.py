@@ -1,6 +1,6 @@
 """Selections and sums over steps: the plain functions behind ``.lca`` (one concept each).
 
-Every function takes a cube (``xr.Dataset``, DESIGN §7) or one of its arrays (``xr.DataArray``).
+Every function takes a cube (``xr.Dataset``, docs/design.md §7) or one of its arrays (``xr.DataArray``).
 On a Dataset the functions that return numbers act on its ``lca`` variable restricted to the
 done steps (:func:`select_done`); on a DataArray they act on the array as given, so select
 ``.lca.done()`` first when it may hold steps that are not done (their values are NaN).

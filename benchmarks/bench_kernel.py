@@ -3,8 +3,8 @@
 One replay step per tensor needs ``lca = delta * gbar``, per-group sums of ``lca``, per-group
 counts of ``lca < 0`` and ``cum += lca``. This compares, in one run with interleaved repeats:
 
-- numba: :class:`replay.engine.kernel.Reducer` over G synthetic tensors (one pass over memory), both
-  as one launch over the flat parameter vector (``reduce_flat``) and tensor by tensor (``add``);
+- numba: :class:`replay.engine.kernel.Reducer` over G synthetic tensors (one pass over memory),
+  one launch over the flat parameter vector (``reduce_flat``), as the engine calls it;
 - torch: the best of four plain-torch pipelines: over per-element group ids (product,
   ``index_add_`` into G groups, ``bincount`` of the negatives, ``cum += lca``), and tensor by
   tensor over slices (product, ``sum``, ``(lca < 0).sum()``, ``cum[a:b] += lca``), each with
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from replay.grouping.groupings import resolve_groupings
+from replay.grouping.resolve import resolve_groupings
 from replay.engine.kernel import Reducer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,14 +54,6 @@ def make_inputs(n: int, groups: int, seed: int = 0):
     gbar = rng.standard_normal(n, dtype=np.float32)
     delta = rng.standard_normal(n, dtype=np.float32)
     return sizes, gbar, delta
-
-
-def bench_numba(reducer, names, bounds, gbar, delta, cum):
-    out_sum, out_neg = reducer.zeros()
-    t = time.perf_counter()
-    for name, (a, b) in zip(names, bounds):
-        reducer.add(name, gbar[a:b], delta[a:b], cum[a:b], out_sum, out_neg)
-    return time.perf_counter() - t, out_sum, out_neg
 
 
 def bench_numba_flat(reducer, gbar, delta, cum):
@@ -127,24 +119,20 @@ def main(argv=None) -> None:
     _parallel_copy(copy_dst[:8], copy_src[:8])
 
     # Correctness first: same sums (to rounding) and same counts as the float64 torch pipeline.
-    _, s_nb, k_nb = bench_numba(reducer, names, bounds, gbar, delta, cum_np)
-    _, s_t, k_t = bench_torch(gid, tg, td, cum_t, groups, float64_product=True)
-    assert np.array_equal(k_nb, k_t), "helped counts differ between numba and torch"
-    assert np.allclose(s_nb, s_t, rtol=1e-9, atol=1e-9), "group sums differ"
-    assert np.array_equal(cum_np, cum_t.numpy()), "cumulative LCA differs"
     _, s_fl, k_fl = bench_numba_flat(reducer, gbar, delta, cum_np)
-    assert np.array_equal(k_fl, k_t) and np.allclose(s_fl, s_t, rtol=1e-9, atol=1e-9)
+    _, s_t, k_t = bench_torch(gid, tg, td, cum_t, groups, float64_product=True)
+    assert np.array_equal(k_fl, k_t), "helped counts differ between numba and torch"
+    assert np.allclose(s_fl, s_t, rtol=1e-9, atol=1e-9), "group sums differ"
+    assert np.array_equal(cum_np, cum_t.numpy()), "cumulative LCA differs"
     _, s_sl, k_sl = bench_torch_slices(bounds, tg, td, cum_t, groups, True)
     assert np.array_equal(k_sl, k_t) and np.allclose(s_sl, s_t, rtol=1e-9, atol=1e-9)
 
     times: dict[str, list[float]] = {k: [] for k in
-                                     ("numba", "numba-per-tensor", "torch-f64", "torch-f32",
+                                     ("numba", "torch-f64", "torch-f32",
                                       "torch-slices-f64", "torch-slices-f32", "copy",
                                       "copy-par")}
     for _ in range(args.repeats):
         times["numba"].append(bench_numba_flat(reducer, gbar, delta, cum_np)[0])
-        times["numba-per-tensor"].append(
-            bench_numba(reducer, names, bounds, gbar, delta, cum_np)[0])
         times["torch-f64"].append(bench_torch(gid, tg, td, cum_t, groups, True)[0])
         times["torch-f32"].append(bench_torch(gid, tg, td, cum_t, groups, False)[0])
         times["torch-slices-f64"].append(bench_torch_slices(bounds, tg, td, cum_t, groups,
@@ -169,8 +157,6 @@ def main(argv=None) -> None:
           f"(numba layer {numba.threading_layer()}), median of {args.repeats} interleaved runs")
     for k, v in med.items():
         print(f"  {k:16s} {v * 1e3:9.1f} ms")
-    print(f"flat (1 launch) vs per-tensor path: "
-          f"{med['numba-per-tensor'] / med['numba']:.2f}x faster")
     print(f"numba vs torch (float64 product):   {med['torch-f64'] / med['numba']:.2f}x faster")
     print(f"numba vs torch (float32 product):   {med['torch-f32'] / med['numba']:.2f}x faster")
     print(f"numba vs best torch ({best_key}): {best_torch / med['numba']:.2f}x faster "

@@ -6,6 +6,7 @@ Public API (imported lazily so that `lca --help` does not pay for torch):
 - :func:`open_trajectory` — read a trajectory store.
 - :func:`run` — replay a trajectory into an LCA cube (xarray Dataset, zarr on disk).
 - :class:`Sampled` — the sampled (mini-batch) gradient mode.
+- :class:`ReplaySettings` — every setting of a replay, with defaults and checks.
 - :func:`prepare` — validate a replay and create (or check) its cube without computing.
 - :func:`load_param_lca` — per-parameter cumulative LCA saved with a cube.
 - :class:`Task`, :func:`load_task` — how a replay rebuilds the model, data and loss.
@@ -28,15 +29,16 @@ _API = {
     "load_task": "replay.task",
     "run": "replay.engine.driver",
     "prepare": "replay.engine.driver",
-    "resolve_groupings": "replay.grouping.groupings",
-    "Grouping": "replay.grouping.groupings",
+    "resolve_groupings": "replay.grouping.resolve",
+    "Grouping": "replay.grouping.partition",
     "LCAError": "replay.errors",
     "CubeError": "replay.errors",
     "ConfigError": "replay.errors",
     "TaskError": "replay.errors",
     "GroupingError": "replay.errors",
-    "Sampled": "replay.engine.gradients",
-    "load_param_lca": "replay.cube.writer",
+    "Sampled": "replay.settings",
+    "ReplaySettings": "replay.settings",
+    "load_param_lca": "replay.cube.param_lca",
 }
 
 __all__ = sorted(_API) + ["__version__"]

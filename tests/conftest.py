@@ -1,4 +1,5 @@
-"""Shared test fixtures: hand-made LCA cubes in the DESIGN §7 schema, and figure hygiene.
+"""Shared test fixtures: hand-made LCA cubes in the cube schema (:mod:`replay.cube.schema`, the
+one the engine writes), and figure hygiene.
 
 Fixtures
 - ``make_cube(**kw) -> xr.Dataset``: a small, internally consistent cube of a toy Transformer
@@ -22,6 +23,8 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")  # before any pyplot import: tests never need a display
 
 import xarray as xr  # noqa: E402
+
+from replay.cube import schema  # noqa: E402
 
 VOCAB, DIM, HIDDEN = 30, 4, 8
 
@@ -130,36 +133,22 @@ def _assemble(lca, helped, labels, group_size, loss, loss_next, datasets, steps,
     residual = (loss_next - loss) - lca[:, in_first, :].sum(1)
     gradient = {"mode": "exact"} if mode == "exact" else {
         "mode": "sampled", "batches": 4, "batch_size": 32, "seed": 0}
-    sgd, sd = ("step", "group", "dataset"), ("step", "dataset")
-    return xr.Dataset(
-        {
-            "lca": (sgd, np.asarray(lca, dtype=np.float64)),
-            "helped": (sgd, np.asarray(helped, dtype=np.int64)),
-            "loss": (sd, np.asarray(loss, dtype=np.float64)),
-            "loss_next": (sd, np.asarray(loss_next, dtype=np.float64)),
-            "residual": (sd, residual),
-            "splits": ("step", np.full(len(steps), 2, dtype=np.int64)),
-            "done": ("step", np.ones(len(steps), dtype=bool)),
-        },
-        coords={
-            "step": np.asarray(steps, dtype=np.int64),
-            "step_end": ("step", np.asarray(steps, dtype=np.int64) + every),
-            "group": np.array(labels, dtype=object),
-            "grouping": ("group", np.array([lab.split("/")[0] for lab in labels], dtype=object)),
-            "group_size": ("group", np.asarray(group_size, dtype=np.int64)),
-            "dataset": np.array(list(datasets), dtype=object),
-        },
-        attrs={
-            "lca_replay_version": "0.1.0",
-            "quadrature": "simpson",
-            "gradient": json.dumps(gradient),
-            "tolerance": 1e-3,
-            "trajectory": json.dumps({"path": "runs/toy/trajectory",
-                                      "manifest_sha256": "ab12cd34" * 8}),
-            "task": json.dumps({"ref": "replay.tasks.toy_nmt:ToyNMT", "args": {"seed": 0}}),
-            "created": "2025-01-01T00:00:00+00:00",
-        },
-    )
+    steps = np.asarray(steps, dtype=np.int64)
+    coords = schema.Coords(steps, steps + every, tuple(labels),
+                           tuple(lab.split("/")[0] for lab in labels),
+                           np.asarray(group_size, dtype=np.int64), tuple(datasets), len(steps))
+    data = {"lca": lca, "helped": helped, "loss": loss, "loss_next": loss_next,
+            "residual": residual, "splits": np.full(len(steps), 2), "done": np.ones(len(steps))}
+    return schema.build(coords, data, {
+        "lca_replay_version": "0.1.0",
+        "quadrature": "simpson",
+        "gradient": json.dumps(gradient),
+        "tolerance": 1e-3,
+        "trajectory": json.dumps({"path": "runs/toy/trajectory",
+                                  "manifest_sha256": "ab12cd34" * 8}),
+        "task": json.dumps({"ref": "replay.tasks.toy_nmt:ToyNMT", "args": {"seed": 0}}),
+        "created": "2025-01-01T00:00:00+00:00",
+    })
 
 
 def _mark_not_done(ds: xr.Dataset, not_done) -> xr.Dataset:

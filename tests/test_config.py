@@ -10,7 +10,9 @@ from typing import Any, Literal
 
 import pytest
 
-from replay.config import Config, ReplayConfig, TrainConfig, from_mapping, load_config
+from replay.config import Config, TrainConfig, load_config
+from replay.settings import ReplaySettings
+from replay.validation import from_mapping
 from replay.errors import ConfigError
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -39,7 +41,7 @@ def test_demo_config_loads():
     assert config.task.ref == "replay.tasks.toy_nmt:ToyNMT"
     assert config.train.optimizer == "adam" and config.train.steps > 0
     assert config.record.path == "runs/demo/trajectory"
-    assert config.cube_path() is None  # the replay names it beside the trajectory
+    assert config.replay.cube is None  # the replay names it beside the trajectory
     assert config.source == str(DEMO)
 
 
@@ -54,8 +56,8 @@ def test_every_key_of_the_demo_config_is_commented():
 def test_minimal_config_takes_defaults(tmp_path):
     config = load_config(write(tmp_path, MINIMAL))
     assert config.train == TrainConfig(steps=10, lr=1e-3)
-    assert config.replay == ReplayConfig()
-    assert config.replay.groups == ["tensor"] and config.replay.tolerance == 1e-3
+    assert config.replay == ReplaySettings()
+    assert config.replay.groups is None and config.replay.tolerance == 1e-3
     assert config.record.path is None
 
 
@@ -102,7 +104,7 @@ def test_wrong_choice(tmp_path):
 def test_wrong_list_item(tmp_path):
     path = write(tmp_path, MINIMAL + "replay:\n  groups: [tensor, 3]\n")
     with raises(f"key 'groups' in section 'replay' of {path} must be a list of strings or "
-                "mappings, got ['tensor', 3] (list)"):
+                "mappings or null, got ['tensor', 3] (list)"):
         load_config(path)
 
 
@@ -137,8 +139,8 @@ def test_value_ranges(tmp_path):
 
 def test_replay_section_checks(tmp_path):
     path = write(tmp_path, MINIMAL + "replay:\n  gradient: sampled\n  batches: 4\n")
-    with raises(f"gradient 'sampled' in section 'replay' of {path} needs key 'batch_size' "
-                "(mini-batches per step and their size); set it"):
+    with raises(f"key 'gradient' in section 'replay' of {path} is 'sampled', which needs key "
+                "'batch_size' too (mini-batches per step and their size); set it"):
         load_config(path)
     path = write(tmp_path, MINIMAL + "replay:\n  steps: 3-9\n")
     with raises(f"key 'steps' in section 'replay' of {path} must look like 'A:B', 'A:' or ':B' "

@@ -220,3 +220,22 @@ def test_cuda_without_a_gpu_is_a_clear_error(store, tmp_path):
     with pytest.raises(ReplayError, match="device 'cuda' requested but torch on host .* sees no CUDA GPU"):
         replay.run(store, task=TASK, out=str(tmp_path / "c"), device="cuda", scheduler="sync",
                    progress=False)
+
+
+class ZeroGradMLP(TinyMLP):
+    """A task whose loss() calls zero_grad(): backward then fills new .grad tensors, not the
+    engine's flat gradient buffer, which would read as zero gradients."""
+
+    def loss(self, model, batch):
+        model.zero_grad()
+        return super().loss(model, batch)
+
+
+def test_a_loss_that_replaces_gradients_is_refused(store, tmp_path):
+    task = ZeroGradMLP(**ARGS)
+    with pytest.raises(TaskError, match=r"^the gradient of '0\.weight' was replaced during "
+                                        r"backward \(is loss\(\) calling zero_grad or an "
+                                        r"optimizer\?\); loss\(\) must only compute the loss$"):
+        replay.run(store, task=task, out=str(tmp_path / "c.zarr"), scheduler="sync",
+                   progress=False)
+    assert not (tmp_path / "c.zarr").exists()  # the run made the cube and removed it again

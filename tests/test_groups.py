@@ -13,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replay.errors import GroupingError
-from replay.grouping.groupings import Grouping, check_partition, frequency_buckets, resolve_groupings
+from replay.grouping.frequency import frequency_buckets
+from replay.grouping.partition import Grouping, check_partition
+from replay.grouping.resolve import resolve_groupings
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 V, D, F = 30, 8, 16  # vocabulary, model width, feed-forward width of the demo naming

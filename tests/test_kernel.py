@@ -10,15 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from replay.grouping.groupings import resolve_groupings
-from replay.engine.kernel import (
-    _PARALLEL_MIN,
-    BLOCK,
-    Reducer,
-    _rows_serial,
-    reduce_rows,
-    reduce_segments,
-)
+from replay.engine.kernel import _PARALLEL_MIN, BLOCK, Reducer, _segments_serial, reduce_segments
+from replay.grouping.resolve import resolve_groupings
+
+
+def uniform(n, row_len):
+    """Row boundaries of rows of ``row_len`` elements (the last may be short)."""
+    return np.append(np.arange(0, n, row_len, dtype=np.int64), n)
+
+
+def reduce_rows(gbar, delta, cum, row_len):
+    return reduce_segments(gbar, delta, cum, uniform(gbar.shape[0], row_len))
 
 
 def reference(gbar, delta, cum, row_len):
@@ -82,7 +84,7 @@ def test_identical_for_any_thread_count_and_code_path(dtype):
     cum = cum0.copy()
     row_sum = np.empty(-(-n // 4099))
     row_neg = np.empty(row_sum.shape, np.int64)
-    _rows_serial(gbar, delta, cum, 4099, row_sum, row_neg)
+    _segments_serial(gbar, delta, cum, uniform(n, 4099), row_sum, row_neg)
     results.append((row_sum, row_neg, cum))
     for other in results[1:]:
         for a, b in zip(results[0], other):
@@ -120,8 +122,24 @@ def test_rejects_bad_inputs():
         reduce_rows(np.zeros(8, np.float32)[::2], g, np.zeros(4), 2)
     with pytest.raises(ValueError, match="length mismatch"):
         reduce_rows(g, g, np.zeros(5), 2)
-    with pytest.raises(ValueError, match="row_len must be >= 1"):
-        reduce_rows(g, g, np.zeros(4), 0)
+
+
+def expected_totals(groupings, offsets, n_groups, lca, shapes):
+    """Brute force: each tensor's per-row sums and negative counts, added into its groups."""
+    expected_sum = np.zeros(n_groups)
+    expected_neg = np.zeros(n_groups, np.int64)
+    for grouping, offset in zip(groupings, offsets):
+        for name, value in lca.items():
+            if not value.size:
+                continue
+            if name in grouping.tensor_group:
+                rows = np.zeros(shapes[name][0], np.int64) + grouping.tensor_group[name]
+            else:
+                rows = grouping.row_groups[name].astype(np.int64)
+            per_row = value.reshape(shapes[name][0], -1)
+            np.add.at(expected_sum, offset + rows, per_row.sum(axis=1))
+            np.add.at(expected_neg, offset + rows, (per_row < 0).sum(axis=1))
+    return expected_sum, expected_neg
 
 
 def test_reducer_group_totals_match_reference():
@@ -134,31 +152,25 @@ def test_reducer_group_totals_match_reference():
                                   token_counts=counts)
     reducer = Reducer(groupings, shapes, block=16)
     reducer.warm_up()
-    assert reducer.row_len("encoder.embed_tokens.weight") == 6
-    assert reducer.row_len("decoder.embed_tokens.weight") == 16
+    starts, _ = reducer.flat_plan()
+    # rows of the bucketed matrix are its matrix rows; other tensors are cut into blocks of 16
+    assert np.diff(starts[:51]).tolist() == [6] * 50
     assert reducer.labels[:2] == ["tensor/encoder.embed_tokens.weight",
                                   "tensor/encoder.layers.0.fc.weight"]
     rng = np.random.default_rng(3)
-    out_sum, out_neg = reducer.zeros()
-    lca, cums = {}, {}
+    lca, gbars, deltas = {}, [], []
     for name, shape in shapes.items():
-        gbar = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
-        delta = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
-        cums[name] = torch.zeros(shape, dtype=torch.float64)
-        reducer.add(name, gbar, delta, cums[name], out_sum, out_neg)
-        lca[name] = delta.double().numpy() * gbar.double().numpy()
-        np.testing.assert_array_equal(cums[name].numpy(), lca[name])  # updated in place
-    expected_sum = np.zeros(reducer.n_groups)
-    expected_neg = np.zeros(reducer.n_groups, np.int64)
-    for grouping, offset in zip(groupings, reducer.offsets):
-        for name, value in lca.items():
-            if name in grouping.tensor_group:
-                rows = np.zeros(shapes[name][0], np.int64) + grouping.tensor_group[name]
-            else:
-                rows = grouping.row_groups[name].astype(np.int64)
-            per_row = value.reshape(shapes[name][0], -1)
-            np.add.at(expected_sum, offset + rows, per_row.sum(axis=1))
-            np.add.at(expected_neg, offset + rows, (per_row < 0).sum(axis=1))
+        gbar = rng.standard_normal(shape).astype(np.float32)
+        delta = rng.standard_normal(shape).astype(np.float32)
+        gbars.append(gbar.reshape(-1))
+        deltas.append(delta.reshape(-1))
+        lca[name] = delta.astype(np.float64) * gbar.astype(np.float64)
+    cum = np.zeros(sum(g.size for g in gbars))
+    out_sum, out_neg = reducer.reduce_flat(torch.from_numpy(np.concatenate(gbars)),
+                                           np.concatenate(deltas), torch.from_numpy(cum))
+    np.testing.assert_array_equal(cum, np.concatenate([v.reshape(-1) for v in lca.values()]))
+    expected_sum, expected_neg = expected_totals(groupings, reducer.offsets, reducer.n_groups,
+                                                 lca, shapes)
     np.testing.assert_array_equal(out_neg, expected_neg)
     np.testing.assert_allclose(out_sum, expected_sum, rtol=1e-12, atol=1e-12)
     # every grouping partitions the same elements: equal totals per grouping
@@ -200,7 +212,7 @@ def test_reduce_segments_matches_reference_and_threads(dtype):
         reduce_segments(gbar, delta, cum, starts[:-1])
 
 
-def test_reducer_flat_path_agrees_with_per_tensor_path():
+def test_reducer_flat_path_with_empty_tensors_and_row_groups():
     shapes = {"encoder.embed_tokens.weight": (40, 5), "encoder.layers.0.w": (300, 7),
               "encoder.layers.0.b": (7,), "empty": (0, 3), "decoder.output_projection.weight": (40, 5)}
     counts = {"encoder.embed_tokens.weight": np.arange(40)}
@@ -209,19 +221,18 @@ def test_reducer_flat_path_agrees_with_per_tensor_path():
     reducer = Reducer(groupings, shapes, block=64)
     sizes = [int(np.prod(s)) for s in shapes.values()]
     gbar, delta, cum0 = data(sum(sizes), np.float32, seed=6)
-    cum_flat = cum0.copy()
-    flat_sum, flat_neg = reducer.reduce_flat(gbar, delta, cum_flat)
-    cum_parts = cum0.copy()
-    out_sum, out_neg = reducer.zeros()
-    offset = 0
+    cum = cum0.copy()
+    flat_sum, flat_neg = reducer.reduce_flat(gbar, delta, cum)
+    products = delta.astype(np.float64) * gbar.astype(np.float64)
+    np.testing.assert_array_equal(cum, cum0 + products)
+    lca, offset = {}, 0
     for name, size in zip(shapes, sizes):
-        part = slice(offset, offset + size)
-        reducer.add(name, gbar[part].reshape(shapes[name]), delta[part], cum_parts[part],
-                    out_sum, out_neg)
+        lca[name] = products[offset:offset + size].reshape(shapes[name])
         offset += size
-    np.testing.assert_array_equal(flat_neg, out_neg)
-    np.testing.assert_array_equal(cum_flat, cum_parts)
-    np.testing.assert_allclose(flat_sum, out_sum, rtol=1e-12, atol=1e-15)
+    expected_sum, expected_neg = expected_totals(groupings, reducer.offsets, reducer.n_groups,
+                                                 lca, shapes)
+    np.testing.assert_array_equal(flat_neg, expected_neg)
+    np.testing.assert_allclose(flat_sum, expected_sum, rtol=1e-12, atol=1e-15)
     starts, _ = reducer.flat_plan()
     assert starts[-1] == sum(sizes) and np.diff(starts).max() == 64
     with pytest.raises(ValueError, match="flat vectors have 5 elements, but the tensors"):

@@ -40,9 +40,9 @@ def fix_counts(path) -> dict[str, int]:
     """Parameter name -> number of corrected elements over all delta files of a store."""
     traj, counts = open_trajectory(path), {}
     for t in traj.steps:
-        if "delta" not in traj._entries[t]["files"]:
+        if "delta" not in traj.plan.files[t]:
             continue
-        for key, idx in traj._load(t, "delta").items():   # decoded: cut per parameter
+        for key, idx in traj.load(t, "delta").items():   # decoded: cut per parameter
             if key.endswith("::fix_idx"):
                 name = key.removesuffix("::fix_idx")
                 counts[name] = counts.get(name, 0) + idx.numel()
@@ -314,7 +314,7 @@ def test_dtype_tables_agree():
 
 
 def test_format_2_delta_files_are_checked_before_use():
-    from replay.record.snapshot import FlatLayout
+    from replay.store.flat_layout import FlatLayout
 
     layout = FlatLayout([("a", (2, 3), torch.float32), ("b", (4,), torch.float32),
                          ("c", (2,), torch.float64)])

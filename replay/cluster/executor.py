@@ -1,4 +1,4 @@
-"""Where replay tasks run (DESIGN §8): in-process, a Dask LocalCluster, an existing Dask
+"""Where replay tasks run (docs/design.md §8): in-process, a Dask LocalCluster, an existing Dask
 scheduler, or a dask-jobqueue cluster on a batch system.
 
 ``executor(...)`` is a context manager yielding ``(run, description)``: ``run(fn, spec, pieces)``
@@ -102,8 +102,8 @@ def executor(scheduler, *, threads: int = 1, device: str = "cpu",
             except Exception:  # an unreachable scheduler fails just below, with its own error
                 slots = []
             # Each lane is pinned to its slot's worker, loosely: Dask otherwise tends to, but
-            # need not, give a worker the piece after its own (measured: 51 evaluations instead
-            # of 50 for 4 pieces on 2 workers); a lost worker's pieces still run elsewhere.
+            # need not, give a worker the piece after its own (a piece that runs elsewhere costs
+            # one more evaluation); a lost worker's pieces still run elsewhere.
             # Explicit priorities keep each lane in order: tasks submitted within Dask's
             # fifo_timeout share one, and a worker then runs them in no particular order.
             order = lane_order(pieces, len(slots))

@@ -22,7 +22,7 @@ def thread_env(threads: int) -> dict[str, str]:
 # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 (to hand freed memory back to
 # the OS). Setting it switches off glibc's adaptive mmap threshold, so every tensor above
 # 128 KiB is mmapped and unmapped again, page faults and all: a torch forward + backward runs
-# about 2x slower than in a plain process. Replay workers start without it.
+# much slower than in a plain process. Replay workers start without it.
 _DASK_TRIM = "MALLOC_TRIM_THRESHOLD_"
 
 
@@ -46,8 +46,8 @@ def glibc_default_malloc():
 
 
 # Dask's own background work, turned down in the clusters a replay starts: idle, two
-# workers with Dask's defaults took 19 % of a core between them and their driver (measured with
-# psutil), taken from the gradient evaluations on a small machine; with these, 2 %.
+# workers with Dask's defaults take a noticeable share of a core between them and their driver,
+# taken from the gradient evaluations on a small machine (docs/benchmarks.md has the figures).
 QUIET_DASK = {
     "distributed.worker.profile.enabled": False,  # samples every worker thread each 10 ms (GIL)
     "distributed.admin.tick.interval": "1s",  # event-loop watchdog in every process (20 ms)

@@ -6,6 +6,7 @@ so an interrupted demo continues where it stopped and a finished one only rewrit
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -27,16 +28,24 @@ def register(sub) -> None:
 
 
 def main(args) -> int:
+    from analysis import open_cube
+    from analysis.report import write_report
+
     from replay.commands.train import train
     from replay.config import load_config
     from replay.engine.driver import run
-    from replay.engine.gradients import Sampled
     from replay.store.trajectory import open_trajectory
 
     config = load_config(args.config)
+    base = config.replay
+    if base.batches is None or base.batch_size is None:
+        raise ConfigError(f"lca demo's sampled replay needs replay.batches and "
+                          f"replay.batch_size in {args.config} (mini-batches per step and their "
+                          "size); set both")
+    if args.scheduler:
+        base = dataclasses.replace(base, scheduler=args.scheduler)
     began = time.perf_counter()
     store = os.path.join(args.out, "trajectory")
-    rc = config.replay
     if os.path.exists(os.path.join(store, "manifest.json")):
         traj = open_trajectory(store)
         if traj.steps[-1] < config.train.steps:
@@ -48,26 +57,15 @@ def main(args) -> int:
         _say(f"[1/4] training {config.task.ref} for {config.train.steps} steps, recording "
              f"into {store}")
         train(config, store)
-    common = dict(task=config.task.ref, task_args=dict(config.task.args),
-                  datasets=rc.datasets, quadrature=rc.quadrature, tolerance=rc.tolerance,
-                  max_splits=rc.max_splits, groups=list(rc.groups),
-                  scheduler=args.scheduler or rc.scheduler, chunk_size=rc.chunk_size,
-                  precision=rc.precision, threads=rc.threads, device=rc.device,
-                  nonfinite=rc.nonfinite)
+    task = dict(task=config.task.ref, task_args=dict(config.task.args))
     exact = os.path.join(args.out, "lca-exact.zarr")
-    _say(f"[2/4] exact replay ({rc.quadrature}) -> {exact}")
-    run(store, gradient="exact", out=exact, **common)
+    _say(f"[2/4] exact replay ({base.quadrature}) -> {exact}")
+    run(store, settings=dataclasses.replace(base, gradient="exact", cube=exact), **task)
     sampled = os.path.join(args.out, "lca-sampled.zarr")
-    mode = Sampled(batches=rc.batches or 4, batch_size=rc.batch_size or 32, seed=rc.seed)
-    _say(f"[3/4] sampled replay ({mode.batches} mini-batches of {mode.batch_size} per step) "
+    drawn = dataclasses.replace(base, gradient="sampled", cube=sampled)
+    _say(f"[3/4] sampled replay ({drawn.batches} mini-batches of {drawn.batch_size} per step) "
          f"-> {sampled}")
-    run(store, gradient=mode, out=sampled, **common)
-    try:
-        from analysis import open_cube
-        from analysis.report import write_report
-    except ModuleNotFoundError:
-        _say("[4/4] analysis package not installed: no report")
-        return 0
+    run(store, settings=drawn, **task)
     report = os.path.join(args.out, "report")
     versus = os.path.join(args.out, "report-sampled")
     _say(f"[4/4] reports -> {report} (exact) and {versus} (sampled vs exact)")

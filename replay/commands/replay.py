@@ -1,11 +1,23 @@
-"""``lca replay CONFIG_OR_STORE``: compute (or resume) an LCA cube."""
+"""``lca replay CONFIG_OR_STORE``: compute (or resume) an LCA cube.
+
+Its settings flags are generated from :class:`~replay.settings.ReplaySettings`, one per field
+(``--quadrature``, ``--eval-batch-size``, …); the batch-system flags (``--jobs``, ``--cores``, …)
+fill the ``cluster_options`` field.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from replay.errors import ConfigError
+from replay.settings import ReplaySettings, flag_of
+from replay.validation import naming
 
 CLUSTER_KEYS = ("jobs", "cores", "memory", "walltime", "queue", "account", "cluster_config",
                 "lifetime")
@@ -19,31 +31,11 @@ def register(sub) -> None:
         "given here override the config's replay section. Running again on the same cube "
         "computes only the steps not yet done.")
     p.add_argument("source", metavar="CONFIG_OR_STORE")
-    p.add_argument("--cube", help="output cube (zarr directory or URL)")
-    p.add_argument("--steps", help="only intervals starting at A <= t < B, as A:B")
-    p.add_argument("--scheduler", help="sync | threads[:N] | local[:N] (default) | tcp://HOST:PORT "
-                   "| SCHEDULER_FILE.json | slurm | pbs | lsf | sge")
-    p.add_argument("--quadrature", choices=["first-order", "trapezoid", "simpson", "adaptive"])
-    p.add_argument("--tolerance", type=float, help="adaptive: max |residual| per step (loss units)")
-    p.add_argument("--max-splits", type=int, help="adaptive: most sub-intervals per step")
-    p.add_argument("--gradient", choices=["exact", "sampled"])
-    p.add_argument("--batches", type=int, help="sampled: mini-batches per step")
-    p.add_argument("--batch-size", type=int, help="sampled: items per mini-batch")
-    p.add_argument("--seed", type=int, help="sampled: seed of the mini-batch draws")
-    p.add_argument("--datasets", help="comma-separated dataset names (default: all of the task's)")
-    p.add_argument("--groups", action="append",
-                   help="grouping preset or YAML rules file; repeat for several")
-    p.add_argument("--chunk-size", type=int, help="intervals per task and per cube chunk")
-    p.add_argument("--precision", choices=["float32", "float64"])
-    p.add_argument("--threads", type=int, help="torch threads per task (default 1)")
-    p.add_argument("--device", help="torch device for gradients, e.g. cpu or cuda")
-    p.add_argument("--nonfinite", choices=["error", "skip"],
-                   help="on NaN/Inf: stop (default) or mark the step and go on")
+    add_settings_flags(p)
     p.add_argument("--task", help="task reference package.module:Factory (store source)")
     p.add_argument("--task-args", help="task arguments as JSON (store source)")
     p.add_argument("--trust-task", action="store_true",
                    help="import the task named in the trajectory's manifest")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
     c = p.add_argument_group("batch-system clusters (--scheduler slurm|pbs|lsf|sge)")
     c.add_argument("--jobs", type=int, help="number of batch jobs (workers)")
     c.add_argument("--cores", type=int, help="cores per job")
@@ -58,73 +50,101 @@ def register(sub) -> None:
     p.set_defaults(func=main)
 
 
-def resolve(args) -> dict:
-    """Keyword arguments of ``replay.run`` from the source (config or store) and the flags."""
-    from replay.config import ReplayConfig, load_config
+def add_settings_flags(parser) -> None:
+    """One flag per :class:`ReplaySettings` field that has one; unset flags stay None."""
+    hints = typing.get_type_hints(ReplaySettings)
+    for f in dataclasses.fields(ReplaySettings):
+        flag = flag_of(f)
+        if flag is None:
+            continue
+        kw: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+        tp = hints[f.name]
+        if tp is bool:  # the only boolean is on by default: its flag switches it off
+            kw.update(action="store_const", const=not f.default)
+        elif f.name == "groups":
+            kw.update(action="append", metavar="GROUPING")
+        elif f.name == "datasets":
+            kw.update(type=lambda text: tuple(x for x in text.split(",") if x),
+                      metavar="A,B")
+        else:
+            choices = _literal(tp)
+            if choices:
+                kw["choices"] = choices
+            else:
+                kw["type"] = _scalar(tp)
+        parser.add_argument(flag, **kw)
 
-    source = args.source
+
+def _literal(tp) -> tuple | None:
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+def _scalar(tp):
+    options = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    return options[0] if options[0] in (int, float) else str
+
+
+@dataclass(frozen=True)
+class Source:
+    """What ``lca replay SOURCE`` replays: the trajectory, its task and the settings."""
+
+    trajectory: str
+    task: str | None
+    task_args: dict | None
+    trust_task: bool
+    settings: ReplaySettings
+
+
+def read_source(source: str, *, task: str | None = None, task_args: str | None = None,
+                trust_task: bool = False, overrides: dict | None = None,
+                flag_names: bool = True) -> Source:
+    """The replay of ``source`` (a YAML config or a trajectory store) with ``overrides``
+    (field -> value) over its settings; messages name the flags when ``flag_names``."""
     if source.endswith((".yaml", ".yml")) or os.path.isfile(source):
+        from replay.config import load_config
+
         config = load_config(source)
-        rc = config.replay
         if config.record.path is None:
             raise ConfigError(f"{source} has no record.path: the replay needs the trajectory")
-        kw = {"trajectory": config.record.path, "task": config.task.ref,
-              "task_args": dict(config.task.args), "out": config.cube_path()}
+        base = config.replay
+        trajectory, task, args = config.record.path, config.task.ref, dict(config.task.args)
     else:
-        rc = ReplayConfig()
-        kw = {"trajectory": source, "task": args.task, "out": args.cube}
-        if args.task_args:
+        base, trajectory, args = ReplaySettings(), source, None
+        if task_args:
             try:
-                kw["task_args"] = json.loads(args.task_args)
+                args = json.loads(task_args)
             except json.JSONDecodeError as err:
                 raise ConfigError(f"--task-args is not valid JSON: {err}") from None
-        kw["trust_task"] = args.trust_task
-    pick = lambda flag, default: default if flag is None else flag
-    gradient = pick(args.gradient, rc.gradient)
-    if gradient == "sampled":
-        from replay.engine.gradients import Sampled
+    flags = {f.name: flag_of(f) for f in dataclasses.fields(ReplaySettings)}
+    with naming(lambda k: flags.get(k) or k) if flag_names else contextlib.nullcontext():
+        settings = dataclasses.replace(base, **(overrides or {}))
+    return Source(trajectory, task, args, trust_task, settings)
 
-        batches, size = pick(args.batches, rc.batches), pick(args.batch_size, rc.batch_size)
-        if batches is None or size is None:
-            raise ConfigError("--gradient sampled needs --batches M and --batch-size B "
-                              "(or replay.batches / replay.batch_size in the config)")
-        gradient = Sampled(batches=batches, batch_size=size, seed=pick(args.seed, rc.seed))
-    groups = args.groups or list(rc.groups)
-    kw.update(
-        out=args.cube or kw.get("out"),
-        gradient=gradient,
-        quadrature=pick(args.quadrature, rc.quadrature),
-        tolerance=pick(args.tolerance, rc.tolerance),
-        max_splits=pick(args.max_splits, rc.max_splits),
-        groups=groups,
-        datasets=args.datasets.split(",") if args.datasets else rc.datasets,
-        scheduler=pick(args.scheduler, rc.scheduler),
-        steps=pick(args.steps, rc.steps),
-        chunk_size=pick(args.chunk_size, rc.chunk_size),
-        precision=pick(args.precision, rc.precision),
-        threads=pick(args.threads, getattr(rc, "threads", 1)),
-        device=pick(args.device, getattr(rc, "device", "cpu")),
-        nonfinite=pick(args.nonfinite, getattr(rc, "nonfinite", "error")),
-        progress=not args.no_progress,
-    )
+
+def resolve(args) -> Source:
+    """The :class:`Source` of parsed ``lca replay`` arguments."""
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ReplaySettings)
+                 if flag_of(f) is not None and getattr(args, f.name, None) is not None}
     options = {k: getattr(args, k) for k in CLUSTER_KEYS if getattr(args, k) is not None}
     if "cluster_config" in options:
         options["config_name"] = options.pop("cluster_config")
     if options:
-        kw["cluster_options"] = options
-    return kw
+        overrides["cluster_options"] = options
+    return read_source(args.source, task=args.task, task_args=args.task_args,
+                       trust_task=args.trust_task, overrides=overrides)
 
 
 def main(args) -> int:
-    kw = resolve(args)
+    src = resolve(args)
+    s = src.settings
     if args.print_job_script:
         from replay.cluster.jobqueue import job_script
 
-        scheduler = kw["scheduler"]
-        print(job_script(scheduler, threads=kw["threads"], device=kw["device"],
-                         **kw.get("cluster_options", {})))
+        print(job_script(s.scheduler, threads=s.threads, device=s.device,
+                         **(s.cluster_options or {})))
         return 0
     from replay.engine.driver import run
 
-    run(**kw)
+    run(src.trajectory, src.task, settings=s, task_args=src.task_args,
+        trust_task=src.trust_task)
     return 0

@@ -62,45 +62,32 @@ def sbatch_options(args: argparse.Namespace) -> list[str]:
     return opts + list(args.sbatch)
 
 
-def _replay_kwargs(source: str, cube: str | None) -> dict:
-    """``replay.run`` keyword arguments for ``lca replay SOURCE [--cube CUBE]``, as it resolves
-    them, so the slices and the cube match what each array task will compute."""
-    from replay.commands import replay as replay_command
-
-    parser = argparse.ArgumentParser(prog="lca")
-    replay_command.register(parser.add_subparsers())
-    args = parser.parse_args(["replay", source] + (["--cube", cube] if cube else []))
-    return replay_command.resolve(args)
-
-
 def plan(source: str, cube: str | None, n: int, *, create: bool) -> tuple[str, list]:
-    """The cube path and ``n`` (or fewer) ``(A, B)`` step slices of whole cube chunks.
+    """The cube path and ``n`` (or fewer) ``(A, B)`` step slices of whole cube chunks, with the
+    settings ``lca replay SOURCE --cube CUBE`` resolves, so that slices and cube match what
+    each array task will compute.
 
-    create: make the cube now (``replay.engine.driver.prepare``) unless it exists, so that the array
-    tasks only ever resume it; concurrent first writers would race to create it.
+    create: make the cube now (:func:`replay.engine.driver.prepare`) unless it exists, so that
+    the array tasks only ever resume it; concurrent first writers would race to create it.
     """
+    from replay.commands.replay import read_source
     from replay.cube import writer as cubes
-    from replay.engine import driver as engine
+    from replay.engine.driver import prepare
+    from replay.engine.plan import default_chunk, plan_slices
     from replay.store.trajectory import open_trajectory
 
-    kw = _replay_kwargs(source, cube)
-    starts = np.asarray(open_trajectory(kw["trajectory"]).steps[:-1], dtype=np.int64)
-    out = kw.get("out")
+    src = read_source(source, overrides={"cube": cube} if cube else None)
+    starts = np.asarray(open_trajectory(src.trajectory).steps[:-1], dtype=np.int64)
+    out = src.settings.cube
     if not out:
         raise ConfigError(f"no cube to write: pass --cube PATH (or set replay.cube in {source})")
     if create and not cubes.exists(out):
-        prepare = getattr(engine, "prepare", None)
-        if prepare is None:
-            first = f"{starts[0]}:{starts[1] if len(starts) > 1 else starts[0] + 1}"
-            raise CubeError(f"{out} does not exist and array tasks must not race to create it: "
-                            f"start it with lca replay {source} --cube {out} --steps {first} "
-                            f"(one step), then submit again")
-        prepare(**kw)
+        prepare(src.trajectory, src.task, settings=src.settings, task_args=src.task_args)
     if cubes.exists(out):
         chunk = cubes.cube_chunk(out)
     else:
-        chunk = kw.get("chunk_size") or engine.default_chunk(len(starts))
-    return out, engine.plan_slices(len(starts), chunk, n, starts)
+        chunk = src.settings.chunk_size or default_chunk(len(starts))
+    return out, plan_slices(len(starts), chunk, n, starts)
 
 
 def run_submit(args: argparse.Namespace) -> int:

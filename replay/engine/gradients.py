@@ -1,4 +1,4 @@
-"""Gradient modes (DESIGN §5): the whole dataset, or a seeded mini-batch sample per step.
+"""Gradient modes (docs/design.md §5): the whole dataset, or a seeded mini-batch sample per step.
 
 :class:`LossOracle` evaluates L(θ; D) and ∇L(θ; D) for every dataset at the parameters
 currently held by a :class:`replay.engine.flat_model.FlatModel`.
@@ -6,74 +6,18 @@ currently held by a :class:`replay.engine.flat_model.FlatModel`.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from replay.errors import ConfigError, ReplayError, TaskError
 from replay.engine.quadrature import Point
-
-
-@dataclass(frozen=True)
-class Sampled:
-    """Zhu et al.'s sampled LCA: ``batches`` fresh mini-batches of ``batch_size`` items per step.
-
-    The sample of step t on dataset D is drawn from a generator keyed by (seed, D, t), so it
-    does not depend on chunking or workers, and the same sample serves every quadrature
-    point of that step.
-    """
-
-    batches: int
-    batch_size: int
-    seed: int = 0
-
-    def __post_init__(self):
-        for key in ("batches", "batch_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"Sampled({key}=...) must be a positive integer, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ConfigError(f"Sampled(seed=...) must be a non-negative integer, got {self.seed!r}")
-
-    def describe(self) -> dict:
-        return {"mode": "sampled", **asdict(self)}
-
-
-EXACT = {"mode": "exact"}
-
-
-def parse_gradient(spec: Any) -> Sampled | None:
-    """``"exact"`` -> None; a :class:`Sampled`, or a mapping with mode/batches/batch_size/seed."""
-    if spec is None or spec == "exact" or spec == EXACT:
-        return None
-    if isinstance(spec, Sampled):
-        return spec
-    if isinstance(spec, Mapping) and spec.get("mode", "sampled") == "sampled":
-        keys = {"batches", "batch_size", "seed"}
-        unknown = set(spec) - keys - {"mode"}
-        if unknown or not {"batches", "batch_size"} <= set(spec):
-            raise ConfigError(
-                f"sampled gradient needs batches and batch_size (optional seed); got keys "
-                f"{sorted(spec)}"
-            )
-        return Sampled(**{k: spec[k] for k in keys if k in spec})
-    if spec == "sampled":
-        raise ConfigError(
-            "gradient 'sampled' needs a sample size: pass replay.Sampled(batches=m, "
-            "batch_size=b, seed=s) (CLI: --gradient sampled --batches M --batch-size B)"
-        )
-    raise ConfigError(f"unknown gradient {spec!r}; valid: 'exact' or replay.Sampled(...)")
-
-
-def describe_gradient(mode: Sampled | None) -> str:
-    return json.dumps(EXACT if mode is None else mode.describe(), sort_keys=True)
+from replay.errors import ReplayError, TaskError
+from replay.settings import Sampled
 
 
 def sample_indices(mode: Sampled, dataset: str, n_items: int, step: int) -> list[np.ndarray]:
@@ -98,8 +42,8 @@ def plan_batches(task, name: str, items: Sequence, batch_size: int,
 
     A task with ``item_size(item)`` (e.g. a sentence's length in tokens) has the items sorted
     by size, ties in the given order, so that each batch holds items of similar size and a
-    padded batch wastes little work on padding (the demo's Transformer: 1.16-1.31x less per
-    evaluation). Without it, the given order. Any batching gives the same L and ∇L up to float
+    padded batch wastes little work on padding (docs/benchmarks.md gives the gain on the demo's
+    Transformer). Without it, the given order. Any batching gives the same L and ∇L up to float
     rounding; this one is fixed by the task, the items and ``batch_size`` alone, so no
     chunking or worker count changes it.
     """
@@ -139,8 +83,8 @@ class LossOracle:
     Exact mode collates each dataset once, in the batches of :func:`plan_batches`, and keeps
     them for the oracle's lifetime (one task's chunk of steps): the data loop is the replay's
     hot path. Sampled mode pools a step's mini-batches into batches of ``batch_size`` items
-    (the loss is the pooled mean either way): small batches pay per-op overhead for every
-    item, and on the demo one batch of 128 pairs costs 1.66x less than four of 32.
+    (the loss is the pooled mean either way): small batches pay torch's per-operation
+    overhead once per batch, so fewer, larger batches cost less for the same items.
     """
 
     def __init__(self, task, flat, datasets: Sequence[str], mode: Sampled | None,
@@ -208,5 +152,6 @@ class LossOracle:
                 )
             losses[d] = total / count
             if need_grad:
+                self.flat.check_bound()
                 grads.append(self.flat.grad / count)
         return Point(losses, grads)

@@ -2,17 +2,17 @@
 
 For one tensor, one dataset and one replayed interval the engine holds the quadrature-weighted
 mean gradient ``gbar`` and the update ``delta`` (both flattened, length n). LCA per element is
-``delta[i] * gbar[i]`` (DESIGN §5). One pass over memory does everything the cube needs:
+``delta[i] * gbar[i]`` (docs/design.md §5). One pass over memory does everything the cube needs:
 
 - ``cum[i] += lca[i]``           per-parameter cumulative LCA (float64, in place)
-- ``row_sum[r] = Σ lca``         over the elements of row r (rows of ``row_len`` elements)
+- ``row_sum[r] = Σ lca``         over the elements of row r (``[starts[r], starts[r+1])``)
 - ``row_neg[r] = #{lca < 0}``    "helped" counts (negative LCA lowered the loss)
 
-Rows are either the rows of a matrix (``row_len = numel / shape[0]``, for row groupings such as
-frequency buckets) or fixed blocks of :data:`BLOCK` elements, which exist only so that one large
+Rows are either the rows of a matrix (``numel / shape[0]`` elements, for row groupings such as
+frequency buckets) or blocks of :data:`BLOCK` elements, which exist only so that one large
 tensor spreads over all threads. Groups are then summed from rows (:class:`Reducer`), whose
-``reduce_flat`` covers a whole flat parameter vector with one kernel launch
-(:func:`reduce_segments`, rows of any length).
+``reduce_flat`` covers the whole flat parameter vector with one kernel launch
+(:func:`reduce_segments`).
 
 Exactness and determinism: the product is formed in float64 (exact for float32 inputs), sums are
 float64, fastmath is off, and each row is summed serially in a fixed order (four interleaved
@@ -33,7 +33,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["BLOCK", "Reducer", "reduce_rows", "reduce_segments", "warm_up"]
+__all__ = ["BLOCK", "Reducer", "reduce_segments", "warm_up"]
 
 BLOCK = 1 << 16
 """Row length for tensors that no grouping splits by rows: 2**16 elements (64 Ki) per row."""
@@ -82,26 +82,6 @@ def _row(gbar, delta, cum, start, stop):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _rows_parallel(gbar, delta, cum, row_len, row_sum, row_neg):
-    n = gbar.shape[0]
-    for r in prange(row_sum.shape[0]):
-        start = r * row_len
-        s, k = _row(gbar, delta, cum, start, min(start + row_len, n))
-        row_sum[r] = s
-        row_neg[r] = k
-
-
-@njit(cache=True, nogil=True)
-def _rows_serial(gbar, delta, cum, row_len, row_sum, row_neg):
-    n = gbar.shape[0]
-    for r in range(row_sum.shape[0]):
-        start = r * row_len
-        s, k = _row(gbar, delta, cum, start, min(start + row_len, n))
-        row_sum[r] = s
-        row_neg[r] = k
-
-
-@njit(cache=True, nogil=True, parallel=True)
 def _segments_parallel(gbar, delta, cum, starts, row_sum, row_neg):
     for r in prange(row_sum.shape[0]):
         s, k = _row(gbar, delta, cum, starts[r], starts[r + 1])
@@ -118,18 +98,6 @@ def _segments_serial(gbar, delta, cum, starts, row_sum, row_neg):
 
 
 @njit(cache=True, nogil=True)
-def _add_whole(row_sum, row_neg, g, out_sum, out_neg):
-    # Serial, in row order: a fixed summation order keeps group sums deterministic.
-    s = 0.0
-    k = 0
-    for r in range(row_sum.shape[0]):
-        s += row_sum[r]
-        k += row_neg[r]
-    out_sum[g] += s
-    out_neg[g] += k
-
-
-@njit(cache=True, nogil=True)
 def _add_segments(row_sum, row_neg, seg, offset, out_sum, out_neg):
     for r in range(row_sum.shape[0]):
         g = offset + seg[r]
@@ -137,27 +105,14 @@ def _add_segments(row_sum, row_neg, seg, offset, out_sum, out_neg):
         out_neg[g] += row_neg[r]
 
 
-def reduce_rows(gbar, delta, cum, row_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fused LCA reduction over rows of ``row_len`` elements; updates ``cum`` in place.
+def reduce_segments(gbar, delta, cum, starts) -> tuple[np.ndarray, np.ndarray]:
+    """Fused LCA reduction over rows ``[starts[r], starts[r+1])``; updates ``cum`` in place.
 
     gbar, delta: 1-D contiguous float32 or float64 arrays, length n (dtypes may differ).
     cum: 1-D contiguous float64 array, length n; ``cum += float64(delta) * float64(gbar)``.
-    Returns ``(row_sum float64[nrows], row_neg int64[nrows])``, ``nrows = ceil(n / row_len)``
-    (the last row may be short). Bit-identical for any thread count.
-    """
-    n = _check(gbar, delta, cum)
-    row_len = int(row_len)
-    if row_len < 1:
-        raise ValueError(f"row_len must be >= 1, got {row_len}")
-    nrows = -(-n // row_len)
-    return _launch(_rows_parallel, _rows_serial, gbar, delta, cum, row_len, n, nrows)
-
-
-def reduce_segments(gbar, delta, cum, starts) -> tuple[np.ndarray, np.ndarray]:
-    """As :func:`reduce_rows`, with rows of any lengths: row r is ``[starts[r], starts[r+1])``.
-
-    starts: int64[nrows + 1], non-decreasing, ``starts[0] == 0``, ``starts[-1] == n``. Lets one
-    kernel launch cover a whole flat parameter vector (many tensors, each cut into rows).
+    starts: int64[nrows + 1], non-decreasing, ``starts[0] == 0``, ``starts[-1] == n``.
+    Returns ``(row_sum float64[nrows], row_neg int64[nrows])``; bit-identical for any thread
+    count. One launch covers a whole flat parameter vector (many tensors, each cut into rows).
     """
     n = _check(gbar, delta, cum)
     starts = np.ascontiguousarray(starts, np.int64)
@@ -230,11 +185,8 @@ def warm_up() -> None:
     for dg in (np.float32, np.float64):
         for dd in (np.float32, np.float64):
             g, d, c = np.zeros(2, dg), np.zeros(2, dd), np.zeros(2, np.float64)
-            _rows_serial(g, d, c, 2, row_sum, row_neg)
-            _rows_parallel(g, d, c, 2, row_sum, row_neg)
             _segments_serial(g, d, c, np.array([0, 2]), row_sum, row_neg)
             _segments_parallel(g, d, c, np.array([0, 2]), row_sum, row_neg)
-    _add_whole(row_sum, row_neg, 0, np.zeros(1), np.zeros(1, np.int64))
     _add_segments(row_sum, row_neg, np.zeros(1, np.int32), 0, np.zeros(1), np.zeros(1, np.int64))
 
 
@@ -243,24 +195,12 @@ class Reducer:
 
     Groups of all groupings are concatenated in order: ``labels[j]`` is ``"grouping/name"``, and
     ``out_sum`` (float64) / ``out_neg`` (int64) are indexed by j. ``shapes`` (name -> shape) gives
-    the tensors in flat-vector order. Two ways to call it, per dataset and interval:
+    the tensors in flat-vector order. Per dataset and interval, one kernel launch::
 
-    - flat, one kernel launch for the whole model (preferred)::
+        out_sum, out_neg = reducer.reduce_flat(gbar, delta, cum)
 
-          out_sum, out_neg = reducer.reduce_flat(gbar, delta, cum)
-
-      gbar/delta: float32/float64 [D], the tensors of ``shapes`` concatenated in order
-      (``D = Σ numel``); cum: float64 [D], updated in place.
-    - per tensor::
-
-          out_sum, out_neg = reducer.zeros()
-          for name in names:
-              reducer.add(name, gbar[name], delta[name], cum[name], out_sum, out_neg)
-
-      (any shape; numpy or CPU torch; cum a float64 buffer of the same numel, updated in place).
-
-    Both give the same counts and cum bit for bit; group sums agree to rounding (the order in
-    which row sums are added differs), and each path is deterministic.
+    gbar/delta: float32/float64 [D], the tensors of ``shapes`` concatenated in order
+    (``D = Σ numel``), numpy or CPU torch; cum: float64 [D], updated in place.
     """
 
     def __init__(self, groupings: Sequence, shapes: Mapping[str, Sequence[int]],
@@ -288,23 +228,6 @@ class Reducer:
     def zeros(self) -> tuple[np.ndarray, np.ndarray]:
         """Fresh ``(out_sum float64[n_groups], out_neg int64[n_groups])``."""
         return np.zeros(self.n_groups, np.float64), np.zeros(self.n_groups, np.int64)
-
-    def row_len(self, name: str) -> int:
-        """Row length used for tensor ``name``: matrix rows if any grouping splits it by rows,
-        else blocks of ``block`` elements."""
-        return self._row_len[name]
-
-    def add(self, name: str, gbar, delta, cum, out_sum: np.ndarray, out_neg: np.ndarray) -> None:
-        """Add tensor ``name``'s LCA (``delta * gbar``) to every grouping's totals; ``cum += lca``."""
-        row_sum, row_neg = reduce_rows(_flat(gbar, "gbar"), _flat(delta, "delta"),
-                                       _flat(cum, "cum"), self._row_len[name])
-        for grouping, offset in zip(self.groupings, self.offsets):
-            g = grouping.tensor_group.get(name)
-            if g is not None:
-                _add_whole(row_sum, row_neg, offset + g, out_sum, out_neg)
-            else:
-                _add_segments(row_sum, row_neg, grouping.row_groups[name], offset,
-                              out_sum, out_neg)
 
     def reduce_flat(self, gbar, delta, cum, out_sum: np.ndarray | None = None,
                     out_neg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

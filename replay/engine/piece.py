@@ -17,42 +17,40 @@ from typing import Any
 import numpy as np
 import torch
 
-from replay.cube import writer as cube
+from replay.cube.param_lca import write_param_part
 from replay.engine.devices import task_device
-from replay.errors import ReplayError
 from replay.engine.flat_model import FlatModel
-from replay.engine.gradients import LossOracle, Sampled
-from replay.engine.quadrature import Point, integrate
+from replay.engine.gradients import LossOracle
 from replay.engine.kernel import Reducer
+from replay.engine.quadrature import Point, integrate
+from replay.errors import ReplayError
+from replay.settings import ReplaySettings
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
 class Spec:
+    """Everything a replay task needs, picklable: the settings as workers see them and what
+    the driver resolved from them."""
+
+    settings: ReplaySettings
     trajectory: str
     task_ref: str | None
     task_args: dict
     datasets: tuple[str, ...]
-    gradient: Sampled | None
-    quadrature: str
-    tolerance: float
-    max_splits: int
     groupings: list
-    precision: str
-    device: str
-    batch_size: int
-    threads: int
+    batch_size: int  # of the data loop, resolved from the settings and the task
     cube: str
     steps: np.ndarray  # interval starts (n,)
     step_ends: np.ndarray  # interval ends (n,)
-    nonfinite: str = "error"
     task_obj: Any = field(default=None, repr=False)  # a Task instance passed from Python
 
     def cache_key(self) -> str:
-        return json.dumps([self.trajectory, self.task_ref, self.task_args, self.precision,
-                           self.device, self.datasets, self.batch_size, id(self.task_obj)
-                           if self.task_obj is not None else None, repr(self.gradient)],
+        s = self.settings
+        return json.dumps([self.trajectory, self.task_ref, self.task_args, s.precision,
+                           s.device, self.datasets, self.batch_size, id(self.task_obj)
+                           if self.task_obj is not None else None, repr(s.mode)],
                           sort_keys=True, default=str)
 
 
@@ -66,8 +64,10 @@ class _Runtime:
                                                                           spec.task_args)
         where = f"task {spec.task_ref!r}" if spec.task_ref else "the task"
         self.flat = FlatModel(task.build_model(), self.traj.names, self.traj.shapes,
-                              DTYPES[spec.precision], task_device(spec.device), where=where)
-        self.oracle = LossOracle(task, self.flat, spec.datasets, spec.gradient, spec.batch_size)
+                              DTYPES[spec.settings.precision],
+                              task_device(spec.settings.device), where=where)
+        self.oracle = LossOracle(task, self.flat, spec.datasets, spec.settings.mode,
+                                 spec.batch_size)
         # The last piece's end point (exact mode): when this worker next runs the piece that
         # starts there, its first gradient evaluation is reused instead of recomputed.
         self.carry: _Carry | None = None
@@ -103,7 +103,8 @@ def _runtime(spec: Spec) -> _Runtime:
 def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
     """Replay intervals [i0, i1) of ``spec.steps``; returns the cube arrays for them."""
     began = time.perf_counter()
-    torch.set_num_threads(spec.threads)
+    s = spec.settings
+    torch.set_num_threads(s.threads)
     rt = _runtime(spec)
     flat, oracle = rt.flat, rt.oracle
     reducer = Reducer(spec.groupings, {name: flat.shapes[name] for name in flat.names})
@@ -116,7 +117,7 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
     }
     cum = [np.zeros(flat.size, dtype=np.float64) for _ in range(nd)]
     evaluations = forwards = 0
-    exact = spec.gradient is None
+    exact = s.gradient == "exact"
     t0 = int(spec.steps[i0])
     walk = rt.traj.walk(t0, int(spec.step_ends[i1 - 1]))
     first, params, state0 = next(walk)
@@ -126,11 +127,11 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
     try:
         theta0 = _flatten_checked(flat, params, t0)
     except _NonFinite as err:
-        if spec.nonfinite != "skip":
+        if s.nonfinite != "skip":
             raise ReplayError(str(err)) from None
         theta0 = flat.flatten(params)
     carry, rt.carry = rt.carry, None
-    if exact and carry is not None and carry.matches(theta0, state0, spec.threads):
+    if exact and carry is not None and carry.matches(theta0, state0, s.threads):
         prev = carry.point
     for j in range(n):
         t, t1 = int(spec.steps[i0 + j]), int(spec.step_ends[i0 + j])
@@ -156,9 +157,9 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
             reuse = prev if exact else None
             last = j == n - 1
             res = integrate(
-                spec.quadrature, _evaluator(flat, oracle, theta0, theta1, delta, t),
+                s.quadrature, _evaluator(flat, oracle, theta0, theta1, delta, t),
                 delta, start=reuse, end_grad=exact and not last,
-                tolerance=spec.tolerance, max_splits=spec.max_splits)
+                tolerance=s.tolerance, max_splits=s.max_splits)
             evaluations += res.evaluations
             forwards += res.forwards
             delta_np = _host(delta)
@@ -172,10 +173,10 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
             same_state = _same_state(state0, state)
             prev = res.end if (exact and same_state and res.end.grads is not None) else None
             if last and exact and res.end.grads is not None:
-                rt.carry = _Carry(theta1, state0, spec.threads, res.end)
+                rt.carry = _Carry(theta1, state0, s.threads, res.end)
             res = None  # frees this step's mean and start gradients before the next step's
         except _NonFinite as err:
-            if spec.nonfinite != "skip":
+            if s.nonfinite != "skip":
                 raise ReplayError(str(err)) from None
             prev = None  # step stays NaN, splits 0: marked in the cube, done like the others
             if theta1 is None:
@@ -184,7 +185,7 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
     walk.close()
     delta = prev = None  # the writes below encode copies of cum: make room for them
     for d, name in enumerate(spec.datasets):
-        cube.write_param_part(spec.cube, name, i0, i1, cum[d])
+        write_param_part(spec.cube, name, i0, i1, cum[d])
     out.update(i0=i0, i1=i1, evaluations=evaluations, forwards=forwards,
                seconds=time.perf_counter() - began)
     return out

@@ -1,4 +1,4 @@
-"""Quadrature of the path integral LCA_t[i] = Δ_i · ∫₀¹ ∂_i L(θ_t + sΔ) ds (DESIGN §5).
+"""Quadrature of the path integral LCA_t[i] = Δ_i · ∫₀¹ ∂_i L(θ_t + sΔ) ds (docs/design.md §5).
 
 The integrator only sees an ``evaluate(s, need_grad)`` callable returning the loss and the flat
 gradient per dataset at θ_t + sΔ, so the same code serves exact and sampled gradients.
@@ -12,9 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from replay.errors import ConfigError
-
-QUADRATURES = ("first-order", "trapezoid", "simpson", "adaptive")
 
 # (nodes, weights) of the fixed rules; adaptive starts from Simpson.
 _FIXED = {
@@ -51,26 +48,6 @@ class StepIntegral:
     splits: int
     evaluations: int  # points evaluated with a backward pass
     forwards: int  # points evaluated without one
-
-
-def check_quadrature(name: str, tolerance: float, max_splits: int) -> None:
-    if name not in QUADRATURES:
-        raise ConfigError(
-            f"unknown quadrature {name!r}; valid: {', '.join(QUADRATURES)}"
-        )
-    if name == "adaptive":
-        if not (tolerance > 0):
-            raise ConfigError(f"tolerance must be > 0 for adaptive quadrature, got {tolerance!r}")
-        if max_splits < 2 or max_splits & (max_splits - 1):
-            raise ConfigError(
-                f"max_splits must be a power of two >= 2 (composite Simpson doubles), "
-                f"got {max_splits!r}"
-            )
-
-
-def nominal_splits(name: str) -> int:
-    """Sub-intervals of a fixed rule (1 for the one-point rules, 2 for Simpson)."""
-    return {"first-order": 1, "trapezoid": 1, "simpson": 2, "adaptive": 2}[name]
 
 
 def integrate(

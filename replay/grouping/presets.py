@@ -3,7 +3,8 @@
 Each preset maps recorded parameter names (canonical order) to one label per tensor. The rules
 are written for PyTorch naming in general — ``torch.nn.Transformer``, fairseq, HuggingFace
 (BERT, GPT-2, T5, BART/Marian, Llama), the Annotated Transformer, ResNets, MLPs — not for one
-model. :mod:`replay.grouping.groupings` turns the labels into a :class:`replay.grouping.groupings.Grouping`.
+model. :mod:`replay.grouping.resolve` turns the labels into a
+:class:`replay.grouping.partition.Grouping`.
 
 Vocabulary (all matched per dot-separated name component, case-insensitively):
 

@@ -1,4 +1,4 @@
-"""User-defined groupings from YAML rules (DESIGN §6). See ``configs/groups-example.yaml``.
+"""User-defined groupings from YAML rules (docs/design.md §6). See ``configs/groups-example.yaml``.
 
 ::
 
@@ -30,14 +30,9 @@ import numpy as np
 import yaml
 
 from replay.errors import GroupingError
-from replay.grouping.groupings import (
-    Grouping,
-    GroupingBuilder,
-    _canonical_counts,
-    bucket_labels,
-    checked_counts,
-    frequency_buckets,
-)
+from replay.grouping.frequency import (bucket_labels, canonical_counts, checked_counts,
+                                       frequency_buckets)
+from replay.grouping.partition import Grouping, GroupingBuilder
 
 __all__ = ["load_yaml", "rules_grouping"]
 
@@ -221,5 +216,5 @@ def _counts(token_counts, names, aliases, rule: _Rule, where: str) -> dict:
         raise GroupingError(f"{rule.here} buckets rows by frequency, but the task provides no "
                             "token counts; implement Task.token_counts() returning {parameter "
                             "name: 1-D tensor of counts per row}, or use `by: index`")
-    return _canonical_counts(token_counts, names, aliases, where)
+    return canonical_counts(token_counts, names, aliases, where)
 

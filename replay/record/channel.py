@@ -24,7 +24,8 @@ import torch
 from replay.store.codec import DTYPE_NAMES
 from replay.errors import RecorderError
 from replay.record.writer import CONTROL_BYTES
-from replay.record.snapshot import Buffers, FlatLayout
+from replay.record.snapshot import Buffers, buffers
+from replay.store.flat_layout import FlatLayout
 
 __all__ = ["WriterProcess"]
 
@@ -87,7 +88,7 @@ class WriterProcess:
             flats[torch_dtype] = (torch.frombuffer(self._mem, dtype=torch.uint8, count=nbytes,
                                                    offset=base + start).view(torch_dtype)
                                   if nbytes else torch.empty(0, dtype=torch_dtype))
-        return layout.buffers(flats)
+        return buffers(layout, flats)
 
     def send(self, message: dict | str, slot: int | None, on_failure) -> None:
         """One JSON line to the writer (``slot``: the buffer it hands over, if any)."""

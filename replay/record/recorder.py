@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from replay.errors import RecorderError
-from replay.record.snapshot import FlatLayout, Snapshotter, manifest_spec, model_tensors
+from replay.record.snapshot import Snapshotter, manifest_spec, model_tensors
+from replay.store.flat_layout import FlatLayout
 from replay.record.channel import WriterProcess
 from replay.store.manifest import (
     FORMAT_VERSION, MANIFEST, ManifestWriter, is_remote, local_path, write_atomic,
@@ -229,7 +230,8 @@ class Recorder:
         except BaseException:      # e.g. a changed shape: the buffer was not handed over
             w.free.append(slot)
             raise
-        # Formatted by hand: json.dumps of this dict costs ~50 µs right after a training step.
+        # Formatted by hand: json.dumps of this dict is slow right after a training step (cold
+        # caches), and this runs on the training thread.
         message = (f'{{"op":"step","slot":{slot},"step":{self._step},"loss":'
                    f'{_json_number(_finite(loss))},"time":{time.time():.3f}')
         if lr is not None:

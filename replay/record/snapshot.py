@@ -1,7 +1,8 @@
 """Snapshots of a model: which tensors are recorded, and how they are gathered.
 
-``model_tensors`` sorts a model's tensors into recorded parameters and state; a
-:class:`FlatLayout` gathers into one contiguous CPU buffer per dtype.
+``model_tensors`` sorts a model's tensors into recorded parameters and state; :func:`gather`
+copies them into one contiguous CPU buffer per dtype, laid out as the store's
+:class:`~replay.store.flat_layout.FlatLayout`.
 
 The recorder copies the model once per recorded step. Gathering with one ``torch.cat`` per
 dtype (then one device-to-host copy) instead of a copy per tensor, and encoding one flat
@@ -15,15 +16,9 @@ from collections.abc import Mapping
 
 import torch
 
-from replay.store.codec import (
-    DTYPE_NAMES, FIX_IDX, FIX_VAL, PARAM_DTYPES, STATE_DTYPES,
-)
 from replay.errors import RecorderError
-
-Flats = dict[torch.dtype, torch.Tensor]
-
-# Format-2 delta file keys per dtype group, and the codec suffix each one carries.
-_FLAT_KEYS = (("delta", ""), ("fix_idx", FIX_IDX), ("fix_val", FIX_VAL))
+from replay.store.codec import DTYPE_NAMES, PARAM_DTYPES, STATE_DTYPES
+from replay.store.flat_layout import Flats, FlatLayout
 
 
 class Buffers:
@@ -33,101 +28,28 @@ class Buffers:
         self.flats, self.views = flats, views
 
 
-class FlatLayout:
-    """Where each named tensor lives: dtype group, [start, end) in that group's flat buffer."""
+def buffers(layout: FlatLayout, flats: Flats) -> Buffers:
+    """Snapshot buffers for :func:`gather` over the given flat ones, with views per tensor."""
+    views = layout.split(flats)
+    return Buffers(flats, {d: [views[n] for n in names] for d, names in layout.groups.items()})
 
-    def __init__(self, specs: list[tuple[str, tuple[int, ...], torch.dtype]]):
-        self.names = [name for name, _, _ in specs]
-        self.place: dict[str, tuple[torch.dtype, int, int, tuple[int, ...]]] = {}
-        self.groups: dict[torch.dtype, list[str]] = {}
-        sizes: dict[torch.dtype, int] = {}
-        for name, shape, dtype in specs:
-            start = sizes.get(dtype, 0)
-            end = start + _numel(shape)
-            self.place[name] = (dtype, start, end, tuple(shape))
-            self.groups.setdefault(dtype, []).append(name)
-            sizes[dtype] = end
-        # (n_tensors + 1,) int64 boundaries per dtype, for mapping flat indices to tensors
-        self._bounds = {d: torch.tensor([self.place[n][1] for n in names] + [sizes[d]])
-                        for d, names in self.groups.items()}
 
-    def gather(self, tensors: Mapping[str, torch.Tensor], into: Buffers) -> None:
-        """Copy ``tensors`` (checked by the caller) into the flat CPU buffers of ``into``.
+def gather(layout: FlatLayout, tensors: Mapping[str, torch.Tensor], into: Buffers) -> None:
+    """Copy ``tensors`` (checked by the caller) into the flat CPU buffers of ``into``.
 
-        CPU tensors by one ``_foreach_copy_`` per dtype (no allocation, one dispatch for all
-        tensors); tensors on an accelerator concatenated there and moved in one transfer.
-        """
-        for dtype, names in self.groups.items():
-            parts = [tensors[n] for n in names]
-            if parts[0].is_cpu:             # others on a device: _foreach_copy_ copes
-                with torch.no_grad():
-                    torch._foreach_copy_(into.views[dtype], parts)
-                continue
-            parts = [p.detach().reshape(-1) for p in parts]
-            if len({p.device for p in parts}) > 1:      # model split across devices
-                parts = [p.to("cpu") for p in parts]
-            into.flats[dtype].copy_(torch.cat(parts))   # one transfer to the host
-
-    def buffers(self, flats: Flats) -> Buffers:
-        """Snapshot buffers for :meth:`gather` over the given flat ones, with views per tensor."""
-        views = self.split(flats)
-        return Buffers(flats, {d: [views[n] for n in names] for d, names in self.groups.items()})
-
-    def size(self, dtype: torch.dtype) -> int:
-        """Number of elements in the flat buffer of ``dtype``."""
-        return int(self._bounds[dtype][-1])
-
-    def split(self, flats: Flats, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Views ``name -> tensor`` (recorded shape) into ``flats``; no copy."""
-        out = {}
-        for name in self.names if names is None else names:
-            dtype, start, end, shape = self.place[name]
-            out[name] = flats[dtype][start:end].view(shape)
-        return out
-
-    def decode_delta(self, payload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | str:
-        """A format-2 delta file as the per-parameter payload that :func:`codec.apply_delta`
-        takes (views, no copy), or a one-line description of what is wrong with it.
-
-        Per dtype group ``D`` (e.g. ``float32``) the file holds ``delta.D``, the group's flat Δ
-        (the parameters of that dtype concatenated in manifest order, encoded as in
-        :mod:`replay.store.codec`) and, where some element needs one, ``fix_idx.D`` / ``fix_val.D``:
-        ascending flat indices into the group and exact values. The writer is
-        :func:`replay.record.writer.encode`."""
-        known = {f"{key}.{DTYPE_NAMES[d]}" for d in self.groups for key, _ in _FLAT_KEYS}
-        extra = sorted(set(payload) - known)
-        if extra:
-            return f"holds unexpected tensor(s) {', '.join(map(repr, extra[:3]))}"
-        out: dict[str, torch.Tensor] = {}
-        for dtype, names in self.groups.items():
-            tag = DTYPE_NAMES[dtype]
-            delta = payload.get(f"delta.{tag}")
-            size = self.size(dtype)
-            if delta is None:
-                return f"has no tensor 'delta.{tag}' for its {tag} parameters"
-            if delta.dim() != 1 or delta.numel() != size:
-                return f"tensor 'delta.{tag}' has shape {tuple(delta.shape)}, expected ({size},)"
-            out.update(self.split({dtype: delta}, names))
-            idx, val = payload.get(f"fix_idx.{tag}"), payload.get(f"fix_val.{tag}")
-            if (idx is None) != (val is None):
-                return f"has only one of 'fix_idx.{tag}' and 'fix_val.{tag}'"
-            if idx is None:
-                continue
-            if idx.dtype != torch.int64 or idx.dim() != 1 or tuple(val.shape) != tuple(idx.shape):
-                return f"correction of the {tag} parameters has wrong dtype or shape"
-            if idx.numel() and (bool((idx[1:] <= idx[:-1]).any()) or int(idx[0]) < 0
-                                or int(idx[-1]) >= size):
-                return (f"correction of the {tag} parameters is not ascending within their "
-                        f"{size} elements")
-            bounds = self._bounds[dtype]
-            # idx is ascending: cut it at the tensor boundaries.
-            cuts = torch.searchsorted(idx, bounds).tolist()
-            for i, name in enumerate(names):
-                a, b = cuts[i], cuts[i + 1]
-                if b > a:
-                    out[name + FIX_IDX] = idx[a:b] - int(bounds[i])
-                    out[name + FIX_VAL] = val[a:b]
-        return out
+    CPU tensors by one ``_foreach_copy_`` per dtype (no allocation, one dispatch for all
+    tensors); tensors on an accelerator concatenated there and moved in one transfer.
+    """
+    for dtype, names in layout.groups.items():
+        parts = [tensors[n] for n in names]
+        if parts[0].is_cpu:             # others on a device: _foreach_copy_ copes
+            with torch.no_grad():
+                torch._foreach_copy_(into.views[dtype], parts)
+            continue
+        parts = [p.detach().reshape(-1) for p in parts]
+        if len({p.device for p in parts}) > 1:      # model split across devices
+            parts = [p.to("cpu") for p in parts]
+        into.flats[dtype].copy_(torch.cat(parts))   # one transfer to the host
 
 
 def model_tensors(model: torch.nn.Module):
@@ -203,7 +125,7 @@ class Snapshotter:
     at the previous step and is still contiguous (so flat views made then still show it), and
     all are CPU tensors, one ``torch.cat`` per dtype into the buffer copies them all; otherwise
     each tensor goes through :func:`resolve`, which accepts it or raises its one-line error, and
-    :meth:`FlatLayout.gather`.
+    :func:`gather`.
     """
 
     def __init__(self, entries: list[tuple], layout: FlatLayout):
@@ -231,7 +153,7 @@ class Snapshotter:
             return
         tensors = {name: resolve(name, slot, spec, step) for name, slot, spec in self.entries}
         self._cache(tensors)
-        self.layout.gather(tensors, into)
+        gather(self.layout, tensors, into)
 
     def _cache(self, tensors: dict[str, torch.Tensor]) -> None:
         self._marks = None
@@ -242,10 +164,3 @@ class Snapshotter:
         self._marks = [(t.data_ptr(), t.shape, True) for t in found]
         self._flat = {dtype: [tensors[n].detach().view(-1) for n in names]
                       for dtype, names in self.layout.groups.items()}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

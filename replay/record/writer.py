@@ -1,9 +1,9 @@
 """The Recorder's writer process: encodes, hashes and writes the store while training goes on.
 
 A separate process, not a thread: the writer's few hundred Python-level calls per step would
-otherwise compete with the training loop for the GIL, which measured as +8% per training step
-on the demo model even with a core to spare. The module imports numpy and the torch-free parts
-of the package only, so the process starts in about a tenth of a second.
+otherwise compete with the training loop for the GIL, which slows every training step even
+with a core to spare. The module imports numpy and the torch-free parts of the package only,
+so the process starts fast.
 
 Started by :class:`replay.record.channel.WriterProcess`, which calls :func:`main` and talks to
 it over pipes, one JSON object per line:
@@ -143,9 +143,8 @@ class Writer:
     the manifest: a step counts (for readers, and after a crash) once a commit has listed it.
     Commits come at most every ``commit_interval`` seconds, and as soon as that has passed when
     training pauses. Replacing the manifest after every step instead cost more than everything
-    else the writer does: its size grows with the run (about 320 bytes per step), and writing a
-    new file means fresh page-cache pages (1.3 ms of kernel time per step for a 0.5 MB
-    manifest, measured on the demo model at step 1,500).
+    else the writer does once a run is long: the manifest grows by a few hundred bytes per
+    step, and writing a new file means fresh page-cache pages, kernel time that grows with it.
     """
 
     # A long run's manifest may take at most this share of the writer's time, whatever the

@@ -10,9 +10,9 @@ The encoding of one tensor ``name`` of shape S and dtype D is:
 
 Format-1 delta files hold exactly this per recorded parameter. Format 2 (written since 0.2)
 applies it to one flat buffer per parameter dtype, the parameters concatenated in manifest order
-(``delta.float32``, ``fix_idx.float32``, … see :meth:`replay.record.snapshot.FlatLayout.decode_delta`):
+(``delta.float32``, ``fix_idx.float32``, … see :meth:`replay.store.flat_layout.FlatLayout.decode_delta`):
 the file header then no longer grows with the number of tensors, which for a model with many
-small tensors cost more than 2% of the store.
+small tensors is a visible share of the store.
 
 Reconstruction ``apply_delta`` repeats the writer's arithmetic (IEEE add and cast are exactly
 rounded, hence deterministic) and patches the listed elements, so it reproduces θ_next bit for

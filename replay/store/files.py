@@ -18,8 +18,8 @@ class FileWriter:
     """Writes whole files atomically (temporary name, fsync, rename), bypassing the page cache
     where the file system allows it (``O_DIRECT``).
 
-    Copying into the page cache was a third of the writer's CPU time on the demo model: each
-    step's file needs fresh cache pages. With ``O_DIRECT`` the device reads the file from a
+    Copying into the page cache is a large share of the writer's CPU time: each step's file
+    needs fresh cache pages. With ``O_DIRECT`` the device reads the file from a
     reused, page-aligned staging buffer of at most STAGE bytes; the last block is padded for
     the write and cut back with ``ftruncate``. File systems that refuse it (tmpfs, some network
     ones) get ordinary writes from then on.

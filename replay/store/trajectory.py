@@ -1,4 +1,4 @@
-"""Reading a trajectory store (formats 1 and 2, DESIGN §2): θ_t at every recorded step, bit-exact.
+"""Reading a trajectory store (formats 1 and 2, docs/design.md §2): θ_t at every recorded step, bit-exact.
 
 A store is a directory or fsspec URL with ``manifest.json`` (see :mod:`replay.store.manifest`),
 ``keyframes/`` (full θ_t), ``deltas/`` (Δ to the next recorded step plus sparse corrections,
@@ -22,7 +22,8 @@ from replay.store.codec import (
 )
 from replay.errors import TrajectoryError
 from replay.store.manifest import FORMAT_VERSION, MANIFEST, Source, read_manifest
-from replay.record.snapshot import FlatLayout
+from replay.store.rebuild import RebuildPlan
+from replay.store.flat_layout import FlatLayout
 
 __all__ = ["FORMAT_VERSION", "Trajectory", "open_trajectory"]
 
@@ -60,7 +61,9 @@ class Trajectory:
         self.task, self.task_args = m.get("task"), dict(m.get("task_args") or {})
         self._entries = {e["step"]: e for e in m["steps"]}
         self.steps = [e["step"] for e in m["steps"]]
-        self.keyframe_steps = [e["step"] for e in m["steps"] if "keyframe" in e["files"]]
+        self.plan = RebuildPlan(self.steps, {t: e["files"] for t, e in self._entries.items()},
+                                self.path)
+        self.keyframe_steps = self.plan.keyframes
         self._param_shapes = {n: self.shapes[n] for n in self.names}
         self.format_version = m["format_version"]
         self._layout = FlatLayout([(n, self.shapes[n], self.dtypes[n]) for n in self.names])
@@ -105,6 +108,11 @@ class Trajectory:
         return [(t, role, rel) for t in self.steps
                 for role, rel in self._entries[t]["files"].items()]
 
+    def file_size(self, step: int, role: str) -> int:
+        """Bytes of the ``role`` file of ``step``, as the manifest records them."""
+        entry = self._entries[step]
+        return entry["bytes"][entry["files"][role]]
+
     def nbytes(self) -> int:
         """Bytes on disk: manifest.json plus every data file it lists."""
         size = sum(self._entries[t]["bytes"][rel] for t, _, rel in self.files())
@@ -135,8 +143,9 @@ class Trajectory:
                                   f"{entry['sha256'][rel][:12]}… (corrupted); {self._fix}")
         return data
 
-    def _load(self, step: int, role: str) -> Tensors:
-        """Decoded and shape/dtype-checked tensors of one data file."""
+    def load(self, step: int, role: str) -> Tensors:
+        """Decoded and shape/dtype-checked tensors of one data file (``role``: keyframe, delta
+        or state; a delta as per-parameter payload for :func:`~replay.store.codec.apply_delta`)."""
         data = self.read_file(step, role)
         rel = self._entries[step]["files"][role]
         try:
@@ -165,7 +174,7 @@ class Trajectory:
         """State at ``t``: in full at keyframes, else ``state`` overlaid with the changes."""
         if "state" not in self._entries[t]["files"]:
             return state if state is not None else {}
-        changed = self._load(t, "state")
+        changed = self.load(t, "state")
         return changed if state is None else {**state, **changed}
 
     # ------------------------------------------------------------------ reconstruction
@@ -182,25 +191,21 @@ class Trajectory:
             f"{self.steps[0]}..{self.steps[-1]}, every {self.every})")
 
     def _advance(self, t: int, params: Tensors, state: Tensors) -> tuple[int, Tensors, Tensors]:
-        """From θ_t to the next recorded step: its keyframe if it has one, else t's delta."""
+        """From θ_t to the next recorded step, by the store's :class:`RebuildPlan`."""
         nxt = self.next_step(t)
-        files = self._entries[nxt]["files"]
-        if "keyframe" in files:
-            params = self._load(nxt, "keyframe")
-        elif "delta" in self._entries[t]["files"]:
-            params = apply_delta(params, self._load(t, "delta"))
+        source = self.plan.params(nxt, t)
+        if source.role == "keyframe":
+            params = self.load(nxt, "keyframe")
         else:
-            raise TrajectoryError(
-                f"{self.path}/{MANIFEST}: step {nxt} has no keyframe and step {t} no delta "
-                f"file, so step {nxt} cannot be rebuilt; {self._fix}")
+            params = apply_delta(params, self.load(t, "delta"))
         return nxt, params, self._state_at(nxt, state)
 
     def _start(self, t: int) -> tuple[int, Tensors, Tensors]:
         """A reconstructed step ≤ t to walk from: the cached step if closer than the keyframe."""
-        k = self.keyframe_steps[bisect.bisect_right(self.keyframe_steps, t) - 1]
+        k = self.plan.start(t)
         if self._cache is not None and k <= self._cache[0] <= t:
             return self._cache
-        return k, self._load(k, "keyframe"), self._state_at(k, None)
+        return k, self.load(k, "keyframe"), self._state_at(k, None)
 
     def _walk(self, start: int, stop: int) -> Iterator[tuple[int, Tensors, Tensors]]:
         t, params, state = self._start(start)

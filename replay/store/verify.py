@@ -9,22 +9,19 @@ the codec itself, not only on the bytes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from replay.store.codec import apply_delta, bits, same_bits
 from replay.errors import TrajectoryError
-from replay.store.manifest import MANIFEST
-
-if TYPE_CHECKING:
-    from replay.store.trajectory import Trajectory
+from replay.store.codec import apply_delta, bits, same_bits
 
 
 class _Stop(Exception):
     """Raised internally to stop at the first problem."""
 
 
-def store_problems(traj: Trajectory, first_only: bool = False) -> list[str]:
-    """One line per problem found (first the file, then what is wrong); [] for a sound store."""
+def store_problems(traj, first_only: bool = False) -> list[str]:
+    """One line per problem found (first the file, then what is wrong); [] for a sound store.
+
+    ``traj``: a :class:`~replay.store.trajectory.Trajectory` (not imported here: the
+    trajectory imports this module)."""
     found: list[str] = []
 
     def bad(msg: str) -> None:
@@ -34,7 +31,7 @@ def store_problems(traj: Trajectory, first_only: bool = False) -> list[str]:
 
     def load(step: int, role: str):
         try:
-            return traj._load(step, role)
+            return traj.load(step, role)
         except TrajectoryError as err:
             bad(str(err))
             return None
@@ -46,29 +43,31 @@ def store_problems(traj: Trajectory, first_only: bool = False) -> list[str]:
     return found
 
 
-def _walk_segments(traj: Trajectory, load, bad) -> None:
-    steps, entries = traj.steps, traj._entries
+def _walk_segments(traj, load, bad) -> None:
+    plan = traj.plan
     params = None          # walked θ; None once a file on the way is bad
-    for i, t in enumerate(steps):
-        files = entries[t]["files"]
-        prev = steps[i - 1] if i else None
-        if "keyframe" in files:
+    prev = None
+    for t in traj.steps:
+        files = plan.files[t]
+        try:
+            source = plan.params(t, prev)
+        except TrajectoryError as err:
+            bad(str(err))
+            source, params = None, None
+        if source is not None and source.role == "keyframe":
             key = load(t, "keyframe")
             # Walked θ arrives here through the delta into this keyframe: compare. (State has
             # no delta into a keyframe: it is stored there in full.)
-            if prev is not None and "delta" in entries[prev]["files"] and params is not None \
+            if prev is not None and "delta" in plan.files[prev] and params is not None \
                     and key is not None:
                 _compare(traj, files["keyframe"], t, params, key, bad)
             params = key
-        elif "delta" not in entries[prev]["files"]:
-            bad(f"{traj.path}/{MANIFEST}: step {t} has no keyframe and step {prev} no delta "
-                "file, so it cannot be rebuilt; re-record the trajectory")
-            params = None
         if "state" in files:
             load(t, "state")       # decoded and checked against the state specs
         if "delta" in files:
             payload = load(t, "delta")
             params = None if payload is None or params is None else apply_delta(params, payload)
+        prev = t
 
 
 def _compare(traj, rel, t, walked, stored, bad) -> None:
@@ -84,8 +83,8 @@ def _compare(traj, rel, t, walked, stored, bad) -> None:
             return
 
 
-def rebuilt_keyframes(traj: Trajectory) -> int:
+def rebuilt_keyframes(traj) -> int:
     """How many keyframes a sound store's check rebuilds from deltas (those with a delta in)."""
-    steps = traj.steps
-    return sum(1 for i, t in enumerate(steps[1:], 1)
-               if t in traj.keyframe_steps and "delta" in traj._entries[steps[i - 1]]["files"])
+    plan = traj.plan
+    return sum(1 for prev, t in zip(plan.steps, plan.steps[1:])
+               if t in plan.keyframes and "delta" in plan.files[prev])

@@ -196,7 +196,7 @@ def test_task_args_not_json(store, tmp_path, capsys):
 @pytest.mark.parametrize("steps, expected", [
     ("50:60", "steps 50:60 select no interval; the trajectory's intervals start at 0..11"),
     ("7:3", "steps 7:3 select no interval"),
-    ("3-7", "steps '3-7' is not of the form A:B (e.g. 0:100)"),
+    ("3-7", "--steps must look like 'A:B', 'A:' or ':B' (recorded step numbers), got '3-7'"),
 ])
 def test_steps_out_of_range_or_malformed(store, tmp_path, capsys, steps, expected):
     msg = refused(capsys, tmp_path, store, *task_flags(), "--steps", steps, *COMMON)
@@ -215,8 +215,9 @@ def config(tmp_path, store, replay_section: str) -> str:
 @pytest.mark.parametrize("section, expected", [
     ("{quadratur: simpson}",
      r"unknown key 'quadratur' in section 'replay' of \S+replay\.yaml; valid keys: batch_size, "
-     r"batches, chunk_size, cube, datasets, device, gradient, groups, max_splits, nonfinite, "
-     r"precision, quadrature, scheduler, seed, steps, threads, tolerance$"),
+     r"batches, chunk_size, cluster_options, cube, datasets, device, eval_batch_size, gradient, "
+     r"groups, max_splits, nonfinite, precision, quadrature, scheduler, seed, steps, threads, "
+     r"tolerance$"),
     ("{threads: two}", r"key 'threads' in section 'replay' of \S+ must be an integer, got "
                        r"'two' \(string\)$"),
     ("{quadrature: rk4}", r"key 'quadrature' in section 'replay' of \S+ must be one of "

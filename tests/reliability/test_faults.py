@@ -238,8 +238,8 @@ def test_interrupted_finalisation_is_redone(run24, tmp_path):
 
     store, reference = run24
     cube = str(tmp_path / "c.zarr")
-    plan = engine.prepare(store, out=cube, **SETTINGS)
-    engine._execute(plan.spec, plan.pieces, plan.writer, "sync", 1, "cpu", None, False)
+    plan = engine.prepare(store, out=cube, scheduler="sync", **SETTINGS)
+    engine.execute(plan, plan.pieces)
     root = zarr.open_group(cube, mode="r+", use_consolidated=False)
     half = root.require_group("param_lca").create_array(
         "train", shape=(10,), dtype="f8", attributes={"complete": False})

@@ -12,9 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import replay
+from replay.cube import param_lca, schema
 from replay.cube import writer as cubes
 from replay.store.codec import same_bits
-from replay.engine.driver import plan_pieces
+from replay.engine.plan import plan_pieces
 from replay.store.trajectory import open_trajectory
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -119,7 +120,7 @@ def test_cube_round_trip(layout, seed):
     rng = np.random.default_rng(seed)
     steps = np.arange(n, dtype=np.int64) * every
     g, d = len(labels), len(datasets)
-    lay = cubes.Layout(steps, steps + every, tuple(labels), tuple(owners),
+    lay = schema.Coords(steps, steps + every, tuple(labels), tuple(owners),
                        rng.integers(1, 100, g).astype(np.int64), tuple(datasets), chunk)
     names = [f"w{i}" for i in range(len(param_shapes))]
     shape_of = dict(zip(names, param_shapes))
@@ -133,7 +134,7 @@ def test_cube_round_trip(layout, seed):
     parts = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/c.zarr"
-        assert cubes.create(path, lay, {**cubes.version_attrs(), "settings": "{}"})
+        assert cubes.create(path, lay, {"lca_replay_version": replay.__version__, "settings": "{}"})
         writer = cubes.CubeWriter(path)
         for stage in (todo, np.ones(n, dtype=bool)):          # some steps, then the rest
             pieces = plan_pieces(stage & ~writer.done_mask(), chunk)
@@ -141,7 +142,7 @@ def test_cube_round_trip(layout, seed):
             for i0, i1 in pieces:
                 for name in datasets:
                     parts[(name, i0)] = rng.normal(size=size)
-                    cubes.write_param_part(path, name, i0, i1, parts[(name, i0)])
+                    param_lca.write_param_part(path, name, i0, i1, parts[(name, i0)])
                 writer.write(i0, i1, {k: v[i0:i1] for k, v in values.items()})
             ds = xr.open_zarr(path)
             done = np.asarray(ds["done"].values)
@@ -154,7 +155,7 @@ def test_cube_round_trip(layout, seed):
             assert ds["step"].values.tolist() == steps.tolist()
             assert ds["group"].values.tolist() == labels
             assert ds["grouping"].values.tolist() == owners
-        assert writer.finalize_params(datasets, names, shape_of)
+        assert param_lca.finalize(writer, datasets, names, shape_of)
         loaded = replay.load_param_lca(path)
         for name in datasets:
             keys = sorted(k for k in parts if k[0] == name)

@@ -1,0 +1,129 @@
+"""Per-parameter cumulative LCA, kept in the cube beside its variables (docs/design.md §7).
+
+Each replayed piece of steps writes its partial sums (Σ over its steps, per element and
+dataset) to ``param_lca_parts/<dataset>/<i0>-<i1>``; once every step is done they are added in
+step order into ``param_lca/<dataset>``, flat in the trajectory's parameter order, with the
+names and shapes as attributes. :func:`load_param_lca` gives them back as tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import zarr
+
+from replay.cube.schema import PARAMS, PARTS, quiet
+from replay.errors import CubeError
+
+
+def drop_stale_parts(writer, datasets, pieces) -> None:
+    """Partials inside one of ``pieces`` ([i0, i1) each) whose steps are not done belong to
+    an interrupted run."""
+    done = writer.done_mask()
+    for name in datasets:
+        group = writer.root[f"{PARTS}/{name}"]
+        for key in list(group.array_keys()):
+            a, b = _part_range(key)
+            if not done[a:b].all() and any(a >= i0 and b <= i1 for i0, i1 in pieces):
+                del group[key]
+
+def finalize(writer, datasets, names, shapes) -> bool:
+    """Add the partials in step order into ``param_lca/<dataset>``; False if incomplete.
+
+    Crash-safe: an array is marked ``complete`` only after its data, and the partials are
+    deleted only after every dataset's array is complete, so an interrupted finalisation
+    (killed, disk full) is simply redone by the next run. Callers serialise it
+    (``CubeLock.exclusive``) when several replays may finish at once.
+    """
+    n = writer.root["done"].shape[0]
+    if not writer.done_mask().all():
+        return False
+    if all(_complete(writer.root, d) for d in datasets) and not _leftover_parts(writer.root):
+        return True
+    ctx = quiet()
+    try:
+        for name in datasets:
+            if _complete(writer.root, name):
+                continue
+            group = writer.root[f"{PARTS}/{name}"]
+            keys = sorted(group.array_keys(), key=_part_range)
+            edges = [_part_range(k) for k in keys]
+            if not edges or edges[0][0] != 0 or edges[-1][1] != n or any(
+                    a[1] != b[0] for a, b in zip(edges, edges[1:])):
+                raise CubeError(
+                    f"per-parameter LCA parts of {writer.path} for {name!r} do not tile the "
+                    f"steps ({edges[:4]}…); delete the cube and replay again"
+                )
+            total = np.zeros(group[keys[0]].shape, dtype=np.float64)
+            for key in keys:
+                total += group[key][:]
+            arr = writer.root.require_group(PARAMS).create_array(
+                name, shape=total.shape, dtype="f8", chunks=(min(total.size, 1 << 22),),
+                overwrite=True, attributes={"complete": False})
+            arr[:] = total
+            arr.attrs.update(names=list(names), shapes=[list(shapes[k]) for k in names],
+                             complete=True)
+        parts = writer.root[PARTS] if PARTS in writer.root else None
+        for name in datasets:
+            if parts is not None and name in parts:
+                del writer.root[f"{PARTS}/{name}"]
+        zarr.consolidate_metadata(writer.path)
+    finally:
+        ctx.__exit__(None, None, None)
+    return True
+
+
+def _leftover_parts(root) -> list[str]:
+    return sorted(root[PARTS].group_keys()) if PARTS in root else []
+
+
+def _complete(root, dataset: str) -> bool:
+    # Cubes written before the "complete" flag have no such attribute: complete once written.
+    return PARAMS in root and dataset in root[PARAMS] and \
+        root[f"{PARAMS}/{dataset}"].attrs.get("complete", True) is True
+
+
+def write_param_part(path: str, dataset: str, i0: int, i1: int, values: np.ndarray) -> None:
+    """Called by a replay task: its steps' per-element LCA sums (D,) for one dataset."""
+    group = zarr.open_group(path, mode="r+", path=f"{PARTS}/{dataset}", use_consolidated=False)
+    arr = group.create_array(f"{i0:09d}-{i1:09d}", shape=values.shape, dtype="f8",
+                             chunks=(min(values.size, 1 << 22),), overwrite=True)
+    arr[:] = values
+
+
+def _part_range(key: str) -> tuple[int, int]:
+    a, b = key.split("-")
+    return int(a), int(b)
+
+
+def load_param_lca(cube_path: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-parameter cumulative LCA: {dataset: {parameter name: float64 tensor of its shape}}.
+
+    Σ over every element of every parameter equals Σ_step Σ_group lca of any one grouping.
+    """
+    try:
+        root = zarr.open_group(cube_path, mode="r", use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        raise CubeError(f"{cube_path} is not an LCA cube; run `lca replay` to make one") from None
+    if PARAMS not in root or _leftover_parts(root):
+        missing = int((~np.asarray(root["done"][:], dtype=bool)).sum()) if "done" in root else -1
+        why = f"{missing} steps missing" if missing else "all steps done, not yet added up"
+        raise CubeError(
+            f"per-parameter LCA of {cube_path} is not complete ({why}); "
+            "run `lca replay` on it again to finish"
+        )
+    out = {}
+    for dataset in sorted(root[PARAMS].array_keys()):
+        arr = root[f"{PARAMS}/{dataset}"]
+        if not _complete(root, dataset):
+            raise CubeError(f"per-parameter LCA of {cube_path} for {dataset!r} was interrupted "
+                            "while being written; run `lca replay` on the cube again to finish")
+        flat = np.asarray(arr[:])
+        names, shapes = arr.attrs["names"], arr.attrs["shapes"]
+        tensors, off = {}, 0
+        for name, shape in zip(names, shapes):
+            size = int(np.prod(shape, dtype=np.int64))
+            tensors[name] = torch.from_numpy(flat[off:off + size].reshape(shape).copy())
+            off += size
+        out[dataset] = tensors
+    return out
