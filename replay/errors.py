@@ -34,4 +34,4 @@ class ReplayError(LCAError, RuntimeError):
 
 
 class CubeBusyError(CubeError):
-    """Steps of a cube are being replayed by another process right now (see replay/lock.py)."""
+    """Steps of a cube are being replayed by another process right now (see replay/cube/lock.py)."""
