@@ -23,12 +23,17 @@ from replay.errors import ConfigError
 from replay.validation import at_least, check_types, key_name, naming, positive, short_name
 
 
+_SAME = object()
+
+
 def option(default: Any, help: str, *, run: str | None = "", flag: str | None = "",
-           yaml: bool = True, result: bool = False) -> Any:
+           yaml: bool = True, result: bool = False, legacy: Any = _SAME) -> Any:
     """A settings field: ``run``/``flag`` None means no keyword / no flag; "" means the field's
-    own name (``--field-name`` for the flag)."""
+    own name (``--field-name`` for the flag). ``legacy``: for a result field added after cubes
+    existed, the value that gives their numbers (default: the field's default)."""
     return field(default=default, metadata={"help": help, "run": run, "flag": flag,
-                                            "yaml": yaml, "result": result})
+                                            "yaml": yaml, "result": result,
+                                            "legacy": default if legacy is _SAME else legacy})
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,10 @@ class ReplaySettings:
         None, "groupings: presets (tensor, layer, transformer, sparse-dense, frequency[:N]) or "
         "YAML rule files; default: tensor, and layer where it groups tensors together",
         result=True)
+    tied: Literal["split", "joint"] = option(
+        "split", "a tied weight (one tensor used as several, e.g. a shared embedding and "
+        "softmax): split its LCA by use, each use under its own name, or keep one joint LCA",
+        result=True, legacy="joint")
     precision: Literal["float32", "float64"] = option(
         "float32", "arithmetic of the gradient computations", result=True)
     eval_batch_size: int | None = option(
@@ -193,13 +202,16 @@ class ReplaySettings:
             return dataclasses.replace(base or cls(), **values)
 
     def cube_settings(self, *, trajectory: str, task: str, task_args: dict, datasets: list[str],
-                      batch_size: int, groupings: list[str], by_size: bool) -> dict[str, Any]:
+                      batch_size: int, groupings: list[str], by_size: bool,
+                      moot: frozenset = frozenset()) -> dict[str, Any]:
         """The cube's ``settings`` attribute: what a resume must match, with the values as this
         run resolved them (the task's datasets, its batch size, the grouping names).
 
         Its first keys are the cube format's and keep their form; any later *result* field is
-        recorded under its own name when it differs from its default, so that cubes written
-        before the field existed still resume (their numbers are the default's).
+        recorded under its own name when it differs from its ``legacy`` value (what cubes
+        written before the field existed computed), so that those cubes still resume; fields in
+        ``moot`` change nothing for this run (``tied`` of a model without ties) and are left
+        out.
         """
         adaptive = self.quadrature == "adaptive"
         out = {
@@ -215,8 +227,8 @@ class ReplaySettings:
         if self.mode is not None:  # 0.2 evaluated each mini-batch on its own: other rounding
             out["sample_batches"] = "pooled"
         for f in dataclasses.fields(self):
-            if f.metadata["result"] and f.name not in _CUBE_FORMAT_FIELDS and \
-                    getattr(self, f.name) != f.default:
+            if f.metadata["result"] and f.name not in _CUBE_FORMAT_FIELDS | moot and \
+                    getattr(self, f.name) != f.metadata["legacy"]:
                 out[f.name] = getattr(self, f.name)
         return out
 

@@ -26,6 +26,7 @@ from replay.engine.piece import Spec, compute_piece
 from replay.engine.plan import (absolute, default_chunk, default_cube_path, intervals,
                                 plan_pieces, select_steps)
 from replay.engine.preflight import check_files, check_model
+from replay.engine.tied import tensor_uses, use_counts
 from replay.errors import ReplayError, TaskError
 from replay.settings import ReplaySettings, describe_gradient
 
@@ -123,9 +124,14 @@ def prepare(trajectory, task=None, *, settings: ReplaySettings | None = None,
     counts = None
     if callable(getattr(task_inst, "token_counts", None)):
         counts = {k: np.asarray(v) for k, v in task_inst.token_counts().items()}
-    spec_groups = s.groups if s.groups is not None else default_groupings(traj.names)
-    groupings = resolve_groupings(list(spec_groups), traj.names, traj.shapes, counts,
-                                  aliases=traj.aliases)
+    uses = tensor_uses(traj.names, traj.aliases, s.tied)
+    split = len(uses) > len(traj.names)
+    names_u = list(uses)
+    shapes_u = {use: traj.shapes[name] for use, name in uses.items()}
+    spec_groups = s.groups if s.groups is not None else default_groupings(names_u)
+    groupings = resolve_groupings(list(spec_groups), names_u, shapes_u,
+                                  use_counts(counts, uses) if split else counts,
+                                  aliases=None if split else traj.aliases)
     batch = int(s.eval_batch_size or getattr(task_inst, "eval_batch_size", DEFAULT_BATCH))
     by_size = sorts_by_size(task_inst)
     if by_size:  # a bad item_size() fails here, before the cube exists
@@ -137,7 +143,8 @@ def prepare(trajectory, task=None, *, settings: ReplaySettings | None = None,
     out = absolute(s.cube or default_cube_path(traj.path, s.mode))
     recorded = s.cube_settings(trajectory=traj.manifest_sha256, task=ref, task_args=args,
                                datasets=names, batch_size=batch,
-                               groupings=[g.name for g in groupings], by_size=by_size)
+                               groupings=[g.name for g in groupings], by_size=by_size,
+                               moot=frozenset() if _has_ties(traj) else frozenset({"tied"}))
     chunk = s.chunk_size or default_chunk(len(starts))
     layout = schema.Coords.of(starts, ends, groupings, names, chunk)
     # Everything is checked before the first byte is written: a refused run leaves no trace.
@@ -162,9 +169,13 @@ def prepare(trajectory, task=None, *, settings: ReplaySettings | None = None,
     writer = cubes.CubeWriter(out)
     pieces = plan_pieces(selected & ~writer.done_mask(), layout.chunk)
     spec = Spec(s.for_workers(), absolute(traj.path), ref, args, tuple(names), groupings,
-                batch, out, starts, ends, task_obj)
-    return Plan(s, spec, writer, pieces, selected, list(traj.names), dict(traj.shapes),
-                layout.chunk, created)
+                uses, batch, out, starts, ends, task_obj)
+    return Plan(s, spec, writer, pieces, selected, names_u, shapes_u, layout.chunk, created)
+
+
+def _has_ties(traj) -> bool:
+    recorded = set(traj.names)
+    return any(name in recorded for name in traj.aliases.values())
 
 
 def _resolve_task(traj, task, task_args, trust_task):

@@ -16,13 +16,20 @@ from replay.errors import TaskError
 
 
 class FlatModel:
-    """Binds ``model``'s recorded parameters to views of ``theta`` (D,) and ``grad`` (D,)."""
+    """Binds ``model``'s recorded parameters to views of ``theta`` (D,) and ``grad`` (D,).
+
+    ``names`` are the model's parameter names to bind, in flat order; ``source`` maps each to
+    the recorded tensor it takes its values from (itself, or for a use of a tied tensor split
+    by :mod:`replay.engine.tied`, the tensor's recorded name).
+    """
 
     def __init__(self, model: torch.nn.Module, names: Sequence[str],
                  shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype,
-                 device: torch.device, *, where: str = "the task"):
+                 device: torch.device, *, where: str = "the task",
+                 source: Mapping[str, str] | None = None):
         self.dtype, self.device = dtype, torch.device(device)
         self.names = list(names)
+        self.source = {n: n for n in self.names} if source is None else dict(source)
         self.shapes = {n: tuple(shapes[n]) for n in self.names}
         model = model.to(device=self.device)
         # Floating parameters and buffers take the replay precision; integer buffers stay.
@@ -74,7 +81,7 @@ class FlatModel:
         out = torch.empty(self.size, dtype=self.dtype, device=self.device)
         for i, name in enumerate(self.names):
             a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-            out[a:b].copy_(params[name].reshape(-1))
+            out[a:b].copy_(params[self.source[name]].reshape(-1))
         return out
 
     def load_state(self, state: Mapping[str, torch.Tensor]) -> None:

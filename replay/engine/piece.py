@@ -23,6 +23,7 @@ from replay.engine.flat_model import FlatModel
 from replay.engine.gradients import LossOracle
 from replay.engine.kernel import Reducer
 from replay.engine.quadrature import Point, integrate
+from replay.engine.tied import untie
 from replay.errors import ReplayError
 from replay.settings import ReplaySettings
 
@@ -40,6 +41,7 @@ class Spec:
     task_args: dict
     datasets: tuple[str, ...]
     groupings: list
+    uses: dict[str, str]  # parameter name -> recorded name (replay.engine.tied)
     batch_size: int  # of the data loop, resolved from the settings and the task
     cube: str
     steps: np.ndarray  # interval starts (n,)
@@ -49,7 +51,7 @@ class Spec:
     def cache_key(self) -> str:
         s = self.settings
         return json.dumps([self.trajectory, self.task_ref, self.task_args, s.precision,
-                           s.device, self.datasets, self.batch_size, id(self.task_obj)
+                           s.device, s.tied, self.datasets, self.batch_size, id(self.task_obj)
                            if self.task_obj is not None else None, repr(s.mode)],
                           sort_keys=True, default=str)
 
@@ -63,9 +65,11 @@ class _Runtime:
         task = spec.task_obj if spec.task_obj is not None else load_task(spec.task_ref,
                                                                           spec.task_args)
         where = f"task {spec.task_ref!r}" if spec.task_ref else "the task"
-        self.flat = FlatModel(task.build_model(), self.traj.names, self.traj.shapes,
-                              DTYPES[spec.settings.precision],
-                              task_device(spec.settings.device), where=where)
+        model = task.build_model()
+        untie(model, spec.uses)
+        shapes = {use: self.traj.shapes[name] for use, name in spec.uses.items()}
+        self.flat = FlatModel(model, list(spec.uses), shapes, DTYPES[spec.settings.precision],
+                              task_device(spec.settings.device), where=where, source=spec.uses)
         self.oracle = LossOracle(task, self.flat, spec.datasets, spec.settings.mode,
                                  spec.batch_size)
         # The last piece's end point (exact mode): when this worker next runs the piece that
