@@ -23,12 +23,12 @@ def largest(values, k: int) -> np.ndarray:
 
 
 def rest_label(n: int) -> str:
-    return f"rest ({n} group{'s' if n != 1 else ''})"
+    return f"{n} other group{'s' if n != 1 else ''}"
 
 
 def condense(a: xr.DataArray, keep) -> xr.DataArray:
     """``a`` (…, group, …) reduced to the groups at positions ``keep`` plus one group labelled
-    ``rest (N groups)`` holding the sum over the others (values and ``group_size``).
+    ``N other groups`` holding the sum over the others (values and ``group_size``).
 
     Other group coordinates (``grouping``) are kept for the kept groups and taken from the first
     summed group for the rest. With nothing left over, ``a`` at ``keep`` is returned.

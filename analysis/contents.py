@@ -147,8 +147,10 @@ def _occupation(cube, ref, g: str, labels: list[str], stem: str, section: str) -
     caption = (f"Each group's share of the total LCA in this cube and in the reference; τ = "
                f"Kendall's rank correlation of the two rankings{paper}.")
     if len(labels) <= BARS_MAX:
+        wide = max(map(len, labels)) > 12  # rotated tensor names need room below the bars
         return Planned(f"occupation-{stem}", section, title, caption,
-                       _one(figures.fig_occupation, cube, ref, grouping=g))
+                       _one(figures.fig_occupation, cube, ref, grouping=g),
+                       size=(9.0, 5.6) if wide else (7.5, 4.2))
     return Planned(f"occupation-{stem}", section, title, caption + " One point per group.",
                    _one(group_figures.fig_occupation_scatter, cube, ref, grouping=g),
                    size=(6.0, 5.4))

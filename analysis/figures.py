@@ -7,7 +7,9 @@
 5. :func:`fig_frequency` — embedding LCA by word-frequency bucket.
 
 A figure whose grouping is absent raises CubeError naming the grouping to replay with;
-``grouping=`` picks a grouping made with the same preset under another name.
+``grouping=`` picks a grouping made with the same preset under another name, and draws
+:func:`fig_occupation` and :func:`fig_intervals` for any grouping (the report does so for
+every grouping with few enough groups; :mod:`analysis.group_figures` has the forms for many).
 Figures 2–5 show LCA per parameter by default (Eq. 4, as the paper does); ``per_param=False``
 shows group totals, which add up to the loss change.
 """

@@ -43,7 +43,7 @@ def fig_groups(cube: xr.Dataset, grouping: str, ax=None, *, per_param: bool = Fa
                datasets=None, top: int = BARS_MAX, order=None):
     """Cumulative LCA of each group of ``grouping`` over the done steps, one bar colour per
     dataset. With more than ``top`` groups, the ``top`` of largest |total| on the main dataset
-    are shown, most negative first, and the others summed into ``rest (N groups)``; otherwise
+    are shown, most negative first, and the others summed into ``N other groups``; otherwise
     groups keep the cube's order (or ``order``, a list of labels to put first)."""
     sub = require_grouping(cube, grouping, "fig_groups")
     names = pick_datasets(cube, datasets)

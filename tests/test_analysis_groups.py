@@ -51,7 +51,7 @@ def test_condense_sums_the_rest_values_and_sizes(cube_from_arrays):
     short = top(tot, 5)
     keep = np.sort(np.argsort(-np.abs(lca.sum(0)))[:5])
     assert short["group"].values.tolist()[:5] == [f"tensor/blocks.{i // 2}.w{i % 2}" for i in keep]
-    assert short["group"].values[-1] == "rest (45 groups)"
+    assert short["group"].values[-1] == "45 other groups"
     rest = np.setdiff1d(np.arange(50), keep)
     np.testing.assert_allclose(float(short[-1]), lca.sum(0)[rest].sum(), rtol=1e-12)
     assert int(short["group_size"][-1]) == int(sizes[rest].sum())
@@ -66,13 +66,13 @@ def test_many_groups_stay_readable(cube_from_arrays):
     cube, lca, _ = _many(cube_from_arrays)
     ax = fig_groups(cube, "tensor")
     labels = [t.get_text() for t in ax.get_yticklabels()]
-    assert len(labels) == 21 and labels[-1] == "rest (30 groups)"
+    assert len(labels) == 21 and labels[-1] == "30 other groups"
     shown = [np.argsort(lca.sum(0))[0]]  # most negative first
     assert labels[0] == f"blocks.{shown[0] // 2}.w{shown[0] % 2}"
     plt.close(ax.figure)
     ax = fig_interval_heatmap(cube, "tensor", n=3)
     rows = [t.get_text() for t in ax.get_yticklabels()]
-    assert len(rows) == 41 and rows[-1] == "rest (10 groups)"
+    assert len(rows) == 41 and rows[-1] == "10 other groups"
     mesh = ax.collections[0]
     assert mesh.get_array().shape == (41, 4)  # 12 steps in windows of 3
     vmin, vmax = mesh.get_clim()
