@@ -193,13 +193,20 @@ def fig_occupation_scatter(cube: xr.Dataset, reference: xr.Dataset, ax=None, *,
     ax.scatter(b, a, s=14, color=OKABE_ITO[0], alpha=0.8, label=f"{a.size} groups")
     both = np.concatenate([a, b])
     both = both[np.isfinite(both)]
+    scale = ""
     if both.size:
         lo, hi = float(both.min()), float(both.max())
-        pad = 0.05 * (hi - lo or 1.0)
-        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.4", linestyle=":",
-                linewidth=1, label="equal shares")
-    ax.set_xlabel(f"occupation ratio, {labels[1]}")
-    ax.set_ylabel(f"occupation ratio, {labels[0]}")
+        line = np.linspace(lo, hi, 200)
+        ax.plot(line, line, color="0.4", linestyle=":", linewidth=1, label="equal shares")
+        top_share = float(np.abs(both).max())
+        if top_share > 0:
+            # A few groups usually hold most of the change; a symmetric log scale (linear
+            # within 1% of the largest share) spreads the many small ones apart.
+            ax.set_xscale("symlog", linthresh=top_share / 100)
+            ax.set_yscale("symlog", linthresh=top_share / 100)
+            scale = " (symmetric log scale)"
+    ax.set_xlabel(f"occupation ratio, {labels[1]}{scale}")
+    ax.set_ylabel(f"occupation ratio, {labels[0]}{scale}")
     ax.set_title(f"Occupation ratio per group on {name}: Kendall's τ = {tau:.3f}")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
