@@ -17,6 +17,7 @@ import pytest
 import analysis
 from tests.helpers_analysis import figure_files
 
+pytestmark = pytest.mark.slow
 CHROMIUM = os.environ.get("LCA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 
