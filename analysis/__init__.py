@@ -10,8 +10,10 @@
   :func:`helped_fraction`, :func:`loss_reconstruction`, :func:`relative_error`,
   :func:`actual_loss`.
 - Comparison: :func:`compare`, :func:`kendall_tau_b`.
-- Figures (matplotlib Axes; imported on first use): :func:`fig_occupation`,
-  :func:`fig_sparse_dense`, :func:`fig_layers`, :func:`fig_intervals`, :func:`fig_frequency`,
+- Figures (matplotlib Axes; imported on first use): for any grouping :func:`fig_groups`,
+  :func:`fig_intervals`, :func:`fig_interval_heatmap`, :func:`fig_occupation`,
+  :func:`fig_occupation_scatter`, :func:`fig_layer_stacks`; Zhu et al.'s
+  :func:`fig_sparse_dense`, :func:`fig_layers`, :func:`fig_frequency`; replay checks
   :func:`fig_loss`, :func:`fig_residual`, :func:`fig_helped`.
 - Report: :func:`write_report` (imported on first use).
 """
@@ -35,6 +37,10 @@ _LAZY = {
     "fig_layers": "analysis.figures",
     "fig_intervals": "analysis.figures",
     "fig_frequency": "analysis.figures",
+    "fig_groups": "analysis.group_figures",
+    "fig_interval_heatmap": "analysis.group_figures",
+    "fig_layer_stacks": "analysis.group_figures",
+    "fig_occupation_scatter": "analysis.group_figures",
     "fig_loss": "analysis.diagnostics",
     "fig_residual": "analysis.diagnostics",
     "fig_helped": "analysis.diagnostics",

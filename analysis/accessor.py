@@ -124,6 +124,12 @@ class DatasetPlots:
 
         return fig_occupation(self._obj, reference, ax=ax, **kw)
 
+    def occupation_scatter(self, reference: xr.Dataset, ax=None, **kw):
+        """Occupation of every group, this cube vs ``reference``, one point each (many groups)."""
+        from analysis.group_figures import fig_occupation_scatter
+
+        return fig_occupation_scatter(self._obj, reference, ax=ax, **kw)
+
     def sparse_dense(self, ax=None, **kw):
         """Cumulative LCA of sparse vs dense weights per side and dataset (Zhu Fig. 2)."""
         from analysis.figures import fig_sparse_dense
@@ -147,6 +153,24 @@ class DatasetPlots:
         from analysis.figures import fig_frequency
 
         return fig_frequency(self._obj, ax=ax, **kw)
+
+    def groups(self, grouping: str, ax=None, **kw):
+        """Cumulative LCA per group of any grouping (``per_param=True``: per parameter)."""
+        from analysis.group_figures import fig_groups
+
+        return fig_groups(self._obj, grouping, ax=ax, **kw)
+
+    def heatmap(self, grouping: str, ax=None, **kw):
+        """Interval LCA along training as a group × step heat map (many groups)."""
+        from analysis.group_figures import fig_interval_heatmap
+
+        return fig_interval_heatmap(self._obj, grouping, ax=ax, **kw)
+
+    def layer_stacks(self, ax=None, **kw):
+        """Cumulative LCA per layer of every layer stack (``layer`` or ``tensor`` grouping)."""
+        from analysis.group_figures import fig_layer_stacks
+
+        return fig_layer_stacks(self._obj, ax=ax, **kw)
 
     def loss(self, ax=None, **kw):
         """Loss curve and its reconstruction from LCA."""

@@ -8,13 +8,16 @@ def register(subparsers) -> None:
     report = subparsers.add_parser(
         "report", help="write figures, index.html and summary.md for a cube",
         description="Write the LCA figures (PNG), an offline index.html and summary.md for "
-                    "CUBE into DIR. DIR must be new, empty, or a folder an earlier `lca report` "
-                    "wrote (it lists its files in DIR/.lca-report.json); a folder holding any "
+                    "CUBE into DIR; the figures follow the groupings the cube holds, and a cube "
+                    "still being filled is reported over its done steps. DIR must be new, empty, "
+                    "or a folder an earlier `lca report` wrote (it lists its files in "
+                    "DIR/.lca-report.json); a folder holding any "
                     "other file is refused, so user data is never overwritten.")
     report.add_argument("cube", metavar="CUBE", help="cube directory written by `lca replay`")
     report.add_argument("--compare", metavar="OTHER", default=None,
                         help="reference cube of the same trajectory (e.g. the exact replay): "
-                             "adds Kendall's tau, sign agreement and the occupation figure")
+                             "adds Kendall's tau, sign agreement and the occupation figures of "
+                             "every grouping both cubes hold")
     report.add_argument("-o", "--output", metavar="DIR", required=True,
                         help="folder to write the report into")
     report.set_defaults(func=run_report)

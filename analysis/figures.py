@@ -7,7 +7,9 @@
 5. :func:`fig_frequency` — embedding LCA by word-frequency bucket.
 
 A figure whose grouping is absent raises CubeError naming the grouping to replay with;
-``grouping=`` picks a grouping made with the same preset under another name.
+``grouping=`` picks a grouping made with the same preset under another name, and draws
+:func:`fig_occupation` and :func:`fig_intervals` for any grouping (the report does so for
+every grouping with few enough groups; :mod:`analysis.group_figures` has the forms for many).
 Figures 2–5 show LCA per parameter by default (Eq. 4, as the paper does); ``per_param=False``
 shows group totals, which add up to the loss change.
 """
@@ -64,9 +66,9 @@ def fig_occupation(cube: xr.Dataset, reference: xr.Dataset, ax=None, *,
     ax = new_axes(ax)
     grouped_bars(ax, values, short, list(labels), legend_title=None)
     tau = float(cmp["tau"].sel(grouping_name=grouping, dataset=name))
-    ax.set_xlabel(f"module ({grouping} grouping)")
+    ax.set_xlabel(f"group ({grouping} grouping)")
     ax.set_ylabel("occupation ratio (share of total LCA)")
-    ax.set_title(f"Occupation ratio per module on {name}: Kendall's τ = {tau:.3f}")
+    ax.set_title(f"Occupation ratio per group on {name}: Kendall's τ = {tau:.3f}")
     return ax
 
 
@@ -129,10 +131,14 @@ def fig_intervals(cube: xr.Dataset, ax=None, *, dataset: str | None = None,
         ax.plot(values["step"].values, values.sel(group=g).values, label=str(g),
                 marker="." if values.sizes["step"] < 40 else None, **style(i))
     ax.axhline(0, color="0.3", linewidth=0.8)
-    ax.set_xlabel(f"training step (start of {n}-step window)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"training step (start of {n}-step window)" if n > 1 else "training step")
     ax.set_ylabel(lca_label(per_param=per_param, what="mean interval LCA"))
-    ax.set_title(f"Interval LCA per module along training on {name}")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), title="module")
+    ax.set_title(f"Interval LCA per group along training on {name}")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1),
+              title=f"{grouping} grouping")
     ax.grid(alpha=0.3)
     return ax
 

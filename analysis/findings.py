@@ -1,7 +1,10 @@
-"""Numbers and one-sentence findings for the report, computed from a (done, loaded) cube.
+"""One-sentence findings for the report, computed from a (done, loaded) cube of any model.
 
-Tables are ``(headers, rows)`` of already formatted strings, rendered by :mod:`analysis.report`
-as Markdown and HTML alike.
+Generic findings speak of the report's *main grouping* (a user's own grouping first, then the
+presets from the coarsest): which groups lowered the loss most overall and per parameter,
+which raised it, when the loss change happened, which layer of each layer stack contributed
+most; the Transformer groupings add Zhu et al.'s observations. ``Table`` is the report's table
+type: ``(headers, rows)`` of formatted strings (see :mod:`analysis.tables`).
 """
 
 from __future__ import annotations
@@ -11,81 +14,35 @@ import re
 import numpy as np
 import xarray as xr
 
-from analysis.measures import helped_fraction, occupation, relative_error
+from analysis.measures import helped_fraction, relative_error
 from analysis.ops import as_str, groupings, per_param, select_grouping, total
 from analysis.plotting import main_dataset
+from analysis.stacks import by_layer, has_stacks, stack_name
 
 Table = tuple[list[str], list[list[str]]]
-PREFERRED = ("transformer", "sparse-dense", "layer", "tensor")
+PRESETS = ("transformer", "sparse-dense", "layer", "tensor")  # coarsest first
+BUCKET = re.compile(r"(.+):f(\d+)")
+
+
+def _bucketed(cube, name: str) -> bool:
+    labels = as_str(select_grouping(cube["group"], name)["group"].values)
+    return sum(bool(BUCKET.fullmatch(g)) for g in labels) >= 2
 
 
 def main_grouping(cube: xr.Dataset) -> str:
-    """The grouping findings are stated in: transformer if present (the paper's modules)."""
+    """The grouping the findings speak of: the first user grouping (not a preset, not row
+    buckets), else the coarsest preset present, else the cube's first grouping."""
     have = groupings(cube)
-    return next((g for g in PREFERRED if g in have), have[0])
+    user = [g for g in have if g not in PRESETS and g != "frequency" and not _bucketed(cube, g)]
+    return next(iter(user), None) or next((g for g in PRESETS if g in have), have[0])
 
 
 def _direction(total_change: float) -> str:
     return "decrease" if total_change < 0 else "increase"
 
 
-def reconstruction_table(cube: xr.Dataset) -> Table:
-    """Per dataset: measured loss change, Σ LCA, relative error, worst residual, helped %."""
-    err = relative_error(cube)
-    helped = helped_fraction(cube).mean("step")
-    first = groupings(cube)[0]
-    lca_sum = select_grouping(cube["lca"], first, strip=False).sum(["group", "step"])
-    rows = []
-    for d in cube["dataset"].values:
-        loss = cube["loss"].sel(dataset=d).values
-        change = float((cube["loss_next"] - cube["loss"]).sel(dataset=d).sum())
-        rows.append([
-            str(d), f"{loss[0]:.4f}", f"{float(cube['loss_next'].sel(dataset=d)[-1]):.4f}",
-            f"{change:+.4g}", f"{float(lca_sum.sel(dataset=d)):+.4g}",
-            f"{100 * float(err.sel(dataset=d)):.3f}%",
-            f"{float(abs(cube['residual'].sel(dataset=d)).max()):.2e}",
-            f"{100 * float(helped.sel(dataset=d)):.1f}%",
-        ])
-    headers = ["dataset", "loss at start", "loss at end", "measured change ΣΔL", "Σ LCA",
-               "relative error", "max |residual|", "mean % helped"]
-    return headers, rows
-
-
-def top_groups_table(cube: xr.Dataset, grouping: str, k: int = 5) -> Table:
-    """The ``k`` groups with the most negative total LCA per dataset, with their shares."""
-    sub = select_grouping(cube, grouping)
-    tot = total(sub)
-    share = occupation(tot)
-    per = per_param(tot)
-    rows = []
-    for d in cube["dataset"].values:
-        order = np.argsort(tot.sel(dataset=d).values, kind="stable")[:k]
-        for r, i in enumerate(order, start=1):
-            g = tot["group"].values[i]
-            rows.append([str(d), str(r), str(g), f"{float(tot.sel(dataset=d)[i]):+.4g}",
-                         f"{100 * float(share.sel(dataset=d)[i]):.1f}%",
-                         f"{float(per.sel(dataset=d)[i]):+.3g}"])
-    headers = ["dataset", "rank", "group", "total LCA (loss units)", "share of net change",
-               "LCA per parameter"]
-    return headers, rows
-
-
-def comparison_table(cmp: xr.Dataset) -> Table:
-    """Per grouping and dataset: Kendall's τ, sign agreement, median per-group relative error."""
-    rows = []
-    for g in cmp["grouping_name"].values:
-        idx = np.flatnonzero(as_str(cmp["grouping"].values) == str(g))
-        for d in cmp["dataset"].values:
-            rel = cmp["relative_error"].sel(dataset=d).values[idx]
-            rel = rel[np.isfinite(rel)]  # a zero reference total has no relative error
-            med = f"{100 * float(np.median(rel)):.1f}%" if rel.size else "n/a"
-            at = {"grouping_name": g, "dataset": d}
-            rows.append([str(g), str(d), str(int(cmp["n_groups"].sel(grouping_name=g))),
-                         f"{float(cmp['tau'].sel(at)):.3f}",
-                         f"{100 * float(cmp['sign_agreement'].sel(at)):.0f}%", med])
-    headers = ["grouping", "dataset", "groups", "Kendall's τ", "sign agreement",
-               "median relative error"]
-    return headers, rows
+def _values(items, fmt="+.3g") -> str:
+    return ", ".join(f"{g} ({v:{fmt}})" for g, v in items)
 
 
 def _top_sentence(cube: xr.Dataset, grouping: str, d: str) -> str:
@@ -93,17 +50,81 @@ def _top_sentence(cube: xr.Dataset, grouping: str, d: str) -> str:
     net = float(tot.sum())
     i = int(np.argmin(tot.values) if net < 0 else np.argmax(tot.values))
     share = float(tot[i]) / net if net else float("nan")
-    return (f"{tot['group'].values[i]} contributed most: {100 * share:.0f}% of the loss "
-            f"{_direction(net)} on {d} ({grouping} grouping).")
+    return (f"{grouping} group {tot['group'].values[i]} contributed most: {100 * share:.0f}% "
+            f"of the loss {_direction(net)} on {d}.")
+
+
+def _helped_sentence(cube: xr.Dataset, grouping: str, d: str, k: int = 3) -> str | None:
+    tot = total(select_grouping(cube, grouping)).sel(dataset=d)
+    order = [i for i in np.argsort(tot.values, kind="stable")[:k] if tot.values[i] < 0]
+    if tot.sizes["group"] < 2 or not order:
+        return None
+    return (f"The {grouping} groups that lowered the loss on {d} most (total LCA): "
+            f"{_values((tot['group'].values[i], float(tot[i])) for i in order)}.")
+
+
+def _per_param_sentence(cube: xr.Dataset, grouping: str, d: str) -> str | None:
+    tot = total(select_grouping(cube, grouping)).sel(dataset=d)
+    if tot.sizes["group"] < 2:
+        return None
+    per = per_param(tot)
+    i = int(np.argmin(per.values))
+    mean = float(tot.sum()) / float(tot["group_size"].sum())
+    ratio = f", {float(per[i]) / mean:.1f}× the {grouping} average" if mean < 0 else ""
+    return (f"Per parameter, {grouping} group {tot['group'].values[i]} lowered the loss on {d} "
+            "most: "
+            f"{float(per[i]):+.3g} per parameter ({int(tot['group_size'][i])} parameters"
+            f"{ratio}).")
 
 
 def _hurt_sentence(cube: xr.Dataset, grouping: str, d: str) -> str | None:
     tot = total(select_grouping(cube, grouping)).sel(dataset=d)
-    hurt = [str(g) for g, v in zip(tot["group"].values, tot.values, strict=True) if v > 0]
+    order = np.argsort(-tot.values, kind="stable")
+    hurt = [(str(tot["group"].values[i]), float(tot[i])) for i in order if tot.values[i] > 0]
     if not hurt:
         return f"Every {grouping} group lowered the loss on {d} over the run."
     return (f"{len(hurt)} of {tot.sizes['group']} {grouping} groups raised the loss on {d} "
-            f"over the run: {', '.join(hurt[:5])}{' …' if len(hurt) > 5 else ''}.")
+            f"over the run: {_values(hurt[:5])}{' …' if len(hurt) > 5 else ''}.")
+
+
+def _when_sentence(cube: xr.Dataset, grouping: str, d: str) -> str | None:
+    """When the net change (Σ LCA) happened: the steps by which half and 90% of it were made."""
+    per_step = select_grouping(cube["lca"], grouping).sel(dataset=d).sum("group").values  # (S,)
+    net = float(per_step.sum())
+    if per_step.size < 2 or net == 0:
+        return None
+    frac = np.cumsum(per_step) / net
+    ends = cube["step_end"].values
+    at = [int(ends[int(np.argmax(frac >= q))]) for q in (0.5, 0.9)]
+    big = int(np.argmax(np.abs(per_step)))
+    return (f"Half of the net loss {_direction(net)} on {d} (Σ LCA {net:+.4g}) was reached by "
+            f"step {at[0]}, 90% by step {at[1]} (steps {int(cube['step'].values[0])}.."
+            f"{int(ends[-1])}); the largest change in one interval was "
+            f"{per_step[big]:+.3g}, at steps {int(cube['step'].values[big])}→{int(ends[big])}.")
+
+
+def _stack_sentence(cube: xr.Dataset, d: str) -> str | None:
+    source = next((g for g in ("layer", "tensor") if g in groupings(cube)), None)
+    if source is None:
+        return None
+    tot = total(select_grouping(cube, source)).sel(dataset=d)
+    if not has_stacks(as_str(tot["group"].values)):
+        return None
+    layers, _ = by_layer(tot)
+    per = per_param(layers)
+    parts = []
+    for s in list(dict.fromkeys(as_str(layers["stack"].values)))[:3]:
+        idx = np.flatnonzero(as_str(layers["stack"].values) == s)
+        if idx.size < 2:
+            continue
+        vals = per.values[idx]
+        best, worst = idx[int(np.argmin(vals))], idx[int(np.argmax(vals))]
+        parts.append(f"of stack {stack_name(s)}, layer {int(layers['number'][best])} lowered "
+                     f"the loss most ({float(per[best]):+.3g}) and layer "
+                     f"{int(layers['number'][worst])} least ({float(per[worst]):+.3g})")
+    if not parts:
+        return None
+    return f"Per parameter on {d} ({source} grouping): " + "; ".join(parts) + "."
 
 
 def _sparse_sentence(cube: xr.Dataset, d: str) -> str | None:
@@ -131,11 +152,11 @@ def _layer_sentence(cube: xr.Dataset, d: str) -> str | None:
     return f"On {d}, " + " and ".join(parts) + "." if parts else None
 
 
-def _frequency_sentence(cube: xr.Dataset, d: str) -> str | None:
-    per = per_param(total(select_grouping(cube, "frequency"))).sel(dataset=d)
+def _frequency_sentence(cube: xr.Dataset, grouping: str, d: str) -> str | None:
+    per = per_param(total(select_grouping(cube, grouping))).sel(dataset=d)
     found = {}
     for g in per["group"].values:
-        m = re.fullmatch(r"(.+):f(\d+)", str(g))
+        m = BUCKET.fullmatch(str(g))
         if m:
             found.setdefault(m.group(1), []).append((int(m.group(2)), str(g)))
     if not found:
@@ -144,28 +165,46 @@ def _frequency_sentence(cube: xr.Dataset, d: str) -> str | None:
     (lo, g_lo), (hi, g_hi) = min(buckets), max(buckets)
     return (f"On {d}, the most frequent words' rows of {param} (f{lo:02d}) contributed "
             f"{float(per.sel(group=g_lo)):+.3g} per parameter, the rarest (f{hi:02d}) "
-            f"{float(per.sel(group=g_hi)):+.3g}.")
+            f"{float(per.sel(group=g_hi)):+.3g} ({grouping} grouping).")
 
 
-def findings(cube: xr.Dataset, cmp: xr.Dataset | None = None) -> list[str]:
-    """One-sentence findings computed from ``cube`` (done steps, loaded) and a comparison."""
+def _tau_sentence(cmp: xr.Dataset, d: str) -> str | None:
+    if d not in as_str(cmp["dataset"].values).tolist():
+        return None
+    taus = [(str(g), float(cmp["tau"].sel(grouping_name=g, dataset=d)))
+            for g in as_str(cmp["grouping_name"].values)]
+    return (f"Kendall's τ of the group rankings vs the reference on {d}: "
+            + ", ".join(f"{g} {t:.3f}" for g, t in taus)
+            + " (Zhu et al. report 0.905 for a Transformer's modules).")
+
+
+def partial_sentence(done: int, of: int) -> str | None:
+    """The note a report on a cube still being filled opens with (None when complete)."""
+    if done >= of:
+        return None
+    return (f"Partial cube: {done} of {of} intervals are done; everything below covers the done "
+            "steps only. Run `lca replay` on the cube again to finish it.")
+
+
+def findings(cube: xr.Dataset, cmp: xr.Dataset | None = None, *,
+             all_steps: int | None = None) -> list[str]:
+    """One-sentence findings computed from ``cube`` (done steps, loaded) and a comparison;
+    ``all_steps``: the cube's step count before selecting done steps (for the partial note)."""
     have = groupings(cube)
     grouping, d = main_grouping(cube), main_dataset(cube)
-    out = [_top_sentence(cube, grouping, name) for name in map(str, cube["dataset"].values)]
-    out.append(_hurt_sentence(cube, grouping, d))
+    out = [partial_sentence(cube.sizes["step"], all_steps or cube.sizes["step"])]
+    out += [_top_sentence(cube, grouping, name) for name in map(str, cube["dataset"].values)]
+    out += [_helped_sentence(cube, grouping, d), _per_param_sentence(cube, grouping, d),
+            _hurt_sentence(cube, grouping, d), _when_sentence(cube, grouping, d),
+            _stack_sentence(cube, d)]
     if "transformer" in have:
         out += [_sparse_sentence(cube, d), _layer_sentence(cube, d)]
-    if "frequency" in have:
-        out.append(_frequency_sentence(cube, d))
+    out += [_frequency_sentence(cube, g, d) for g in have if _bucketed(cube, g)][:1]
     helped = float(helped_fraction(cube).sel(dataset=d).mean())
     out.append(f"On average {100 * helped:.1f}% of parameters helped (LCA < 0) per step on {d}.")
     err = float(relative_error(cube).sel(dataset=d))
     out.append(f"Σ LCA reproduces the measured loss change on {d} within {100 * err:.3f}% "
                "(relative error of the total).")
-    if cmp is not None and d in as_str(cmp["dataset"].values).tolist():
-        names = as_str(cmp["grouping_name"].values).tolist()
-        g = grouping if grouping in names else names[0]
-        tau = float(cmp["tau"].sel(grouping_name=g, dataset=d))
-        out.append(f"Group rankings vs the reference: Kendall's τ = {tau:.3f} on {d} "
-                   f"({g} grouping; Zhu et al. report 0.905).")
+    if cmp is not None:
+        out.append(_tau_sentence(cmp, d))
     return [s for s in out if s]

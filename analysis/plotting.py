@@ -93,6 +93,25 @@ def grouped_bars(ax, values: np.ndarray, labels, series, *, legend_title: str | 
     return ax
 
 
+def grouped_hbars(ax, values: np.ndarray, labels, series, *, legend: bool = True):
+    """Horizontal bars of ``values`` (G, N): G rows labelled ``labels`` from the top down, one
+    colour per series. Long labels (tensor names) stay readable on the y axis."""
+    values = np.asarray(values, dtype=float).reshape(len(labels), len(series))
+    height = 0.8 / max(len(series), 1)
+    y = np.arange(len(labels))
+    for j, name in enumerate(series):
+        offset = (j - (len(series) - 1) / 2) * height
+        ax.barh(y + offset, values[:, j], height, label=str(name),
+                color=OKABE_ITO[j % len(OKABE_ITO)], edgecolor="white", linewidth=0.5)
+    ax.axvline(0, color="0.3", linewidth=0.8)
+    ax.set_yticks(y, [str(lab) for lab in labels], fontsize="small")
+    ax.set_ylim(len(labels) - 0.4, -0.6)  # first label on top
+    if legend and len(series) > 1:
+        ax.legend(title="dataset", fontsize="small")
+    ax.grid(axis="x", alpha=0.3)
+    return ax
+
+
 def _units(da: xr.DataArray) -> str:
     units = da.attrs.get("units") or ("loss units" if da.name in ("lca", "loss") else "")
     name = da.attrs.get("long_name") or da.name or "value"

@@ -31,15 +31,25 @@ def test_html_references_only_files_in_the_folder(report):
     page = (report / "index.html").read_text()
     refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page, flags=re.I)
     assert refs, "index.html shows no figure"
+    ids = set(re.findall(r'\bid="([^"]+)"', page))
+    files = []
     for ref in refs:
+        if ref.startswith("#"):  # the contents: a link to a heading of this page
+            assert ref[1:] in ids, ref
+            continue
         assert "/" not in ref and ":" not in ref and not ref.startswith(".."), ref
         assert (report / ref).is_file(), ref
+        files.append(ref)
     assert "<script" not in page.lower() and "@import" not in page and "url(" not in page
     pngs = {p.name for p in report.glob("*.png")}
-    assert pngs == set(refs)
-    assert pngs == {f"fig-{s}.png" for s in ("loss", "residual", "helped", "occupation",
-                                             "sparse-dense", "layers", "intervals",
-                                             "frequency")}
+    assert pngs == set(files)
+    per_grouping = {f"fig-{kind}-{g}.png" for g in ("transformer", "sparse-dense", "frequency",
+                                                   "layer", "tensor")
+                    for kind in ("intervals", "occupation")}
+    cumulative = {f"fig-groups-{g}.png" for g in ("transformer", "sparse-dense", "tensor")}
+    assert pngs == {"fig-loss.png", "fig-residual.png", "fig-helped.png", "fig-layers-stacks.png",
+                    "fig-layers-transformer.png", "fig-frequency-frequency.png"} \
+        | per_grouping | cumulative
 
 
 def test_summary_has_provenance_findings_and_comparison(report, paths):
@@ -49,7 +59,8 @@ def test_summary_has_provenance_findings_and_comparison(report, paths):
                  "## Comparison with the reference", "Kendall's τ", "sign agreement",
                  paths["exact"]):
         assert text in md, text
-    assert re.search(r"contributed most: \d+% of the loss decrease on train", md)
+    assert re.search(r"transformer group \w+ contributed most: \d+% of the loss decrease on "
+                     r"train", md)
     assert "max \\|residual\\|" in md  # pipes in a cell are escaped for the table
 
 
@@ -66,12 +77,12 @@ def test_report_refuses_a_folder_with_user_files(paths, tmp_path):
 def test_report_rewrites_its_own_folder_and_drops_stale_figures(paths, tmp_path, capsys):
     out = tmp_path / "rep"
     assert main(["report", paths["sampled"], "--compare", paths["exact"], "-o", str(out)]) == 0
-    assert (out / "fig-occupation.png").exists()
+    assert (out / "fig-occupation-tensor.png").exists()
     assert main(["report", paths["sampled"], "-o", str(out)]) == 0  # no reference this time
-    assert not (out / "fig-occupation.png").exists()
+    assert not list(out.glob("fig-occupation-*.png"))
     owned = json.loads((out / ".lca-report.json").read_text())["files"]
     assert sorted(owned) == sorted(p.name for p in out.iterdir() if p.name[0] != ".")
-    assert "omitted: needs a reference cube" in (out / "summary.md").read_text()
+    assert "omitted: needs a reference cube (--compare OTHER)" in (out / "summary.md").read_text()
     assert "wrote" in capsys.readouterr().out
 
 
@@ -79,9 +90,11 @@ def test_report_notes_figures_whose_grouping_is_absent(make_cube, tmp_path):
     cube = make_cube(steps=4, groupings=("tensor", "transformer"))
     analysis.write_report(cube, tmp_path / "r")
     md = (tmp_path / "r" / "summary.md").read_text()
-    assert "omitted: the cube has no 'frequency' grouping" in md
-    assert "omitted: the cube has no 'sparse-dense' grouping" in md
-    assert not (tmp_path / "r" / "fig-frequency.png").exists()
+    assert "*Zhu et al. figures of the 'frequency' grouping* omitted: the cube has no " \
+           "'frequency' grouping" in md
+    assert "*Zhu et al. figures of the 'sparse-dense' grouping* omitted: the cube has no " \
+           "'sparse-dense' grouping" in md
+    assert not list((tmp_path / "r").glob("fig-frequency*.png"))
 
 
 def test_cli_report_error_is_one_line(tmp_path, capsys):

@@ -13,12 +13,26 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from replay.cluster.worker_env import QUIET_DASK, local_cluster, restore_malloc_thresholds
-from replay.errors import ConfigError
+from replay.cluster.worker_env import (QUIET_DASK, local_cluster, main_stays_home,
+                                       restore_malloc_thresholds)
+from replay.errors import ConfigError, ReplayError
 
 JOBQUEUE = ("slurm", "pbs", "lsf", "sge", "oar", "htcondor", "moab")
 SCHEDULERS = "sync, threads[:N], local[:N], tcp://HOST:PORT, a scheduler file (.json), " + \
     ", ".join(JOBQUEUE)
+
+
+def _why(err: BaseException) -> str:
+    """The root cause of a Dask start-up failure as ``Type: first line of its message``."""
+    seen = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    for e in reversed(seen):  # the innermost exception that says something
+        text = str(e).strip().splitlines()
+        if text:
+            return f"{type(e).__name__}: {text[0]}"
+    return type(seen[-1]).__name__
 
 
 def _count(spec: str, name: str) -> int | None:
@@ -55,7 +69,7 @@ def executor(scheduler, *, threads: int = 1, device: str = "cpu",
     import dask
     from distributed import Client, LocalCluster
 
-    owned = []
+    owned = contextlib.ExitStack()  # closed in reverse: client, cluster, then main_stays_home
     try:
         if isinstance(scheduler, Client):
             client, desc = scheduler, f"client {scheduler.scheduler.address}"
@@ -66,32 +80,41 @@ def executor(scheduler, *, threads: int = 1, device: str = "cpu",
             with dask.config.set(QUIET_DASK):
                 cluster = LocalCluster(n_workers=1, threads_per_worker=n, processes=False,
                                        dashboard_address=":0")
-            owned.append(cluster)
+            owned.callback(cluster.close)
             client, desc = Client(cluster), f"threads ({n} in this process)"
         elif scheduler == "local" or scheduler.startswith("local:"):
             n = _count(scheduler, "local") or max(1, (os.cpu_count() or 1) // threads)
-            cluster = local_cluster(n, threads)
-            owned.append(cluster)
+            owned.enter_context(main_stays_home())
+            try:
+                cluster = local_cluster(n, threads)
+            except Exception as err:
+                raise ReplayError(
+                    f"the Dask LocalCluster of scheduler {scheduler!r} did not start its {n} "
+                    f"worker process(es) ({_why(err)}); run in this process with "
+                    "scheduler='sync' (CLI: --scheduler sync) or 'threads', or fix the Dask "
+                    "configuration that the error names") from None
+            owned.callback(cluster.close)
             client, desc = Client(cluster), f"LocalCluster ({n} worker processes)"
         elif scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
-            client, desc = Client(scheduler), f"scheduler {scheduler}"
+            client, desc = _connect(scheduler, address=scheduler), f"scheduler {scheduler}"
         elif scheduler.endswith(".json"):
             if not os.path.exists(scheduler):
                 raise ConfigError(f"scheduler file {scheduler} does not exist; start a scheduler "
                                   f"with `dask scheduler --scheduler-file {scheduler}`")
-            client, desc = Client(scheduler_file=scheduler), f"scheduler file {scheduler}"
+            client = _connect(f"the scheduler of file {scheduler}", scheduler_file=scheduler)
+            desc = f"scheduler file {scheduler}"
         elif scheduler in JOBQUEUE:
             from replay.cluster.jobqueue import make_jobqueue_cluster
 
             opts = dict(cluster_options or {})
             cluster = make_jobqueue_cluster(scheduler, threads=threads, device=device, **opts)
-            owned.append(cluster)
+            owned.callback(cluster.close)
             client = Client(cluster)
             desc = f"{scheduler} cluster ({opts.get('jobs') or 'default number of'} jobs)"
         else:
             raise ConfigError(f"unknown scheduler {scheduler!r}; valid: {SCHEDULERS}")
         if client is not scheduler:
-            owned.insert(0, client)  # close the client before the cluster it talks to
+            owned.callback(client.close)  # before the cluster it talks to
 
         def run_dask(fn, spec, pieces) -> Iterator[dict]:
             from distributed import as_completed
@@ -120,9 +143,20 @@ def executor(scheduler, *, threads: int = 1, device: str = "cpu",
 
         yield run_dask, desc
     finally:
-        for thing in owned:
-            with contextlib.suppress(Exception):
-                thing.close()
+        with contextlib.suppress(Exception):
+            owned.close()
+
+
+def _connect(what: str, **where):
+    """A ``distributed.Client`` of an existing scheduler, or a one-line ReplayError."""
+    from distributed import Client
+
+    try:
+        return Client(**where)
+    except Exception as err:
+        raise ReplayError(f"could not connect to {what} ({_why(err)}); check that the scheduler "
+                          "runs (`dask scheduler`) and is reachable from here, or run with "
+                          "scheduler='local'") from None
 
 
 def lane_order(pieces: list[tuple[int, int]], workers: int) -> list[tuple[tuple[int, int], int]]:

@@ -1,5 +1,6 @@
 """What every Dask worker of a replay runs with: its thread counts, glibc's malloc defaults and
-Dask's background work turned down; and the LocalCluster of ``scheduler="local"``.
+Dask's background work turned down, and no copy of the user's ``__main__``; and the LocalCluster
+of ``scheduler="local"``.
 
 Shared by the in-process executors (:mod:`replay.cluster.executor`) and the batch-system
 clusters (:mod:`replay.cluster.jobqueue`), which export the same settings to their jobs.
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing.spawn
 import os
 import sys
+import threading
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -60,10 +63,48 @@ QUIET_DASK = {
 }
 
 
+_SPAWN_LOCK = threading.Lock()
+_SPAWN_USERS = 0
+_SPAWN_ORIGINAL = multiprocessing.spawn.get_preparation_data
+
+
+def _preparation_without_main(name):
+    data = _SPAWN_ORIGINAL(name)
+    data.pop("init_main_from_path", None)
+    data.pop("init_main_from_name", None)
+    return data
+
+
+@contextlib.contextmanager
+def main_stays_home():
+    """Processes that multiprocessing spawns meanwhile do not re-run the user's ``__main__``.
+
+    The "spawn" start method (Dask's default) prepares each child by running the parent's main
+    script or ``-m`` module again as ``__mp_main__``. A script without an
+    ``if __name__ == "__main__":`` guard would then repeat, in every Dask worker, its training
+    and its ``replay.run`` (whose own cluster start fails: Dask's "Nanny failed to start").
+    Workers need nothing from it: Dask pickles objects defined in ``__main__`` by value
+    (cloudpickle). Held for the cluster's whole life, so a worker the nanny restarts is
+    spared too; the patch is undone when the last holder leaves.
+    """
+    global _SPAWN_USERS
+    with _SPAWN_LOCK:
+        _SPAWN_USERS += 1
+        multiprocessing.spawn.get_preparation_data = _preparation_without_main
+    try:
+        yield
+    finally:
+        with _SPAWN_LOCK:
+            _SPAWN_USERS -= 1
+            if _SPAWN_USERS == 0:
+                multiprocessing.spawn.get_preparation_data = _SPAWN_ORIGINAL
+
+
 def local_cluster(n_workers: int, threads: int = 1, **kwargs):
     """The LocalCluster of ``scheduler="local"``: ``n_workers`` processes of one task slot each,
     torch and numba at ``threads`` threads, glibc's malloc defaults, Dask's background work
-    turned down (:data:`QUIET_DASK`). ``kwargs`` go to ``LocalCluster``."""
+    turned down (:data:`QUIET_DASK`). ``kwargs`` go to ``LocalCluster``. Hold
+    :func:`main_stays_home` while it lives, or its workers re-run the user's main script."""
     import dask
     from distributed import LocalCluster
 

@@ -2,4 +2,7 @@
 
 - ``replay.tasks.toy_nmt:ToyNMT`` — a small Transformer encoder–decoder on a synthetic
   parallel corpus with Zipfian word frequencies (the demo task).
+- ``replay.tasks.tiny_mlp:TinyMLP`` — an MLP on Gaussian blobs (tests, examples).
+- ``replay.tasks.tiny_cnn:TinyCNN`` — a two-convolution classifier on synthetic images, with
+  torchvision-style names (``features.N``, ``classifier.N``).
 """
