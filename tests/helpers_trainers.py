@@ -6,6 +6,8 @@ Imported by the tests, and run as a script for what needs processes of its own:
   ``Trainer`` run of GPT-2 on ``OUT/data/train`` with an ``LCACallback`` into ``OUT/traj``;
   each rank writes ``OUT/rankN.json`` (whether its callback recorded, its optimizer steps) and
   rank 0 ``OUT/theta.safetensors`` (θ after each step, captured by a separate callback).
+- ``torchrun --nproc_per_node 2 tests/helpers_trainers.py lightning-ddp OUT``: the same with a
+  Lightning ``Trainer(strategy="ddp")`` fit of the TinyMLP task's model.
 - ``python tests/helpers_trainers.py fsdp OUT``: shards a model with FSDP2 in a 1-process gloo
   group and hands it to both callbacks; prints their errors and whether OUT/traj exists.
 
@@ -171,6 +173,57 @@ def _ddp(out: str) -> None:
                                     os.path.join(out, "theta.safetensors"))
 
 
+def _lightning_ddp(out: str) -> None:
+    import lightning.pytorch as pl
+    import safetensors.torch
+    import torch.nn.functional as F
+
+    from replay.integrations.lightning import LCACallback
+    from replay.tasks.tiny_mlp import TinyMLP
+
+    args = {"train_size": 32, "test_size": 8}
+    task = TinyMLP(**args)
+    snaps: dict = {}
+
+    class Lit(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = task.build_model()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+
+        def on_train_start(self):
+            snaps[0] = _params(self.model)
+
+        def optimizer_step(self, *a, **kw):
+            super().optimizer_step(*a, **kw)
+            snaps[self.trainer.global_step + 1] = _params(self.model)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.05)
+
+    cb = LCACallback(os.path.join(out, "traj"), task="replay.tasks.tiny_mlp:TinyMLP",
+                     task_args=args, module="model")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1,
+                         accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=out, callbacks=[cb])
+    loader = torch.utils.data.DataLoader(task.datasets()["train"], batch_size=4,
+                                         collate_fn=task.collate)
+    trainer.fit(Lit(), loader)
+    rank = trainer.global_rank
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"recorded": cb._rec is not None, "steps": trainer.global_step,
+                   "world_size": trainer.world_size,
+                   "backend": torch.distributed.get_backend()}, f)
+    if rank == 0:
+        safetensors.torch.save_file({f"{t}/{n}": v for t, ps in snaps.items()
+                                     for n, v in ps.items()},
+                                    os.path.join(out, "theta.safetensors"))
+
+
 def _fsdp(out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("PORT", "29561"),
                       RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -211,4 +264,4 @@ def _fsdp(out: str) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    {"ddp": _ddp, "fsdp": _fsdp}[sys.argv[1]](sys.argv[2])
+    {"ddp": _ddp, "lightning-ddp": _lightning_ddp, "fsdp": _fsdp}[sys.argv[1]](sys.argv[2])

@@ -13,18 +13,17 @@ Lightning has no hook after ``optimizer.step()``: ``on_before_zero_grad`` runs i
 step's closure (after its forward), and ``on_train_batch_end`` after every micro-batch. So
 the callback records at ``on_train_batch_end`` when ``trainer.global_step`` (Lightning's count
 of optimizer steps) has moved on: with ``accumulate_grad_batches=k``, once per k batches.
-A step hook on each optimizer tells which of those steps really updated the parameters: a
-step that Lightning counted but the optimizer never ran (an fp16 step that the gradient
-scaler skipped, or a ``training_step`` that returned None) is recorded with Δ = 0 and
-``"skipped": true``. Only the global-zero process records; FSDP, DeepSpeed ZeRO-3 and model
+A step hook on each optimizer and the loss scale of 16-mixed precision tell which of those
+steps the optimizer skipped (an fp16 step whose gradients overflowed): it is recorded with
+Δ = 0 and ``"skipped": true``. Only the global-zero process records; FSDP, DeepSpeed ZeRO-3 and model
 parallel strategies (sharded parameters) are refused.
 
 ``module`` is the dotted name of the submodule to record (``"model"`` for
 ``self.model = AutoModel…``), the one the task's ``build_model()`` rebuilds; by default the
 LightningModule itself. ``task`` (a ``"package.module:Factory"`` reference or a Task class) and
-``task_args`` are stored for the replay. The training loss stored per step is the sum over the
-step's batches of ``training_step``'s loss as Lightning returns it (divided by
-``accumulate_grad_batches``), i.e. their mean; with manual optimization, their mean.
+``task_args`` are stored for the replay. The training loss stored per step is the mean over
+the step's batches of the loss ``training_step`` returned (Lightning hands the callback each
+divided by ``accumulate_grad_batches``, also in a shorter last window of an epoch).
 """
 
 from __future__ import annotations
@@ -69,6 +68,7 @@ class LCACallback(Callback):
         self._applied = 0    # optimizer steps that ran since the last record
         self._lr: list[float] | None = None
         self._losses: list[torch.Tensor] = []
+        self._scale_before: float | None = None
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self, trainer, pl_module) -> None:
@@ -90,6 +90,10 @@ class LCACallback(Callback):
             self._remove_hooks()
             raise
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._rec is not None and self._scale_before is None:
+            self._scale_before = _loss_scale(trainer)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._rec is None:
             return
@@ -105,14 +109,19 @@ class LCACallback(Callback):
                 f"{trainer.global_step}); LCACallback records one optimizer step per batch: "
                 "record each optimizer with replay.Recorder.attach instead")
         losses, self._losses = self._losses, []
-        total = None
-        if losses:
-            total = torch.stack([v.float() for v in losses]).sum()
-            if not pl_module.automatic_optimization:
-                total = total / len(losses)
+        mean = None
+        if losses:  # automatic optimization returns each loss / accumulate_grad_batches
+            scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+            mean = torch.stack([v.float() for v in losses]).sum() * (scale / len(losses))
         lr = self._lr or [float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups]
-        self._rec.step(loss=total, lr=lr, skipped=self._applied == 0)
+        # Skipped: the optimizer never ran, or the loss scale went down (an optimizer that
+        # takes the scaler's found_inf itself, such as fused Adam, runs and skips inside).
+        before, after = self._scale_before, _loss_scale(trainer)
+        skipped = self._applied == 0 or (before is not None and after is not None
+                                         and after < before)
+        self._rec.step(loss=mean, lr=lr, skipped=skipped)
         self._global, self._applied, self._lr = trainer.global_step, 0, None
+        self._scale_before = None
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._rec is None:
@@ -150,6 +159,16 @@ class LCACallback(Callback):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+
+
+def _loss_scale(trainer) -> float | None:
+    """The AMP loss scale of the trainer's precision plugin (16-mixed keeps a GradScaler)."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None or not callable(getattr(scaler, "get_scale", None)):
+        return None
+    if callable(getattr(scaler, "is_enabled", None)) and not scaler.is_enabled():
+        return None
+    return float(scaler.get_scale())
 
 
 def _strategy_sharding(strategy) -> str | None:
