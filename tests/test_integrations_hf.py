@@ -78,9 +78,20 @@ def _reference_loss(trainer, arch, theta, items) -> float:
         return float(trainer.compute_loss(model, pad_collate(items)))
 
 
-def _replay_and_check(tmp_path, trainer, arch, snaps, items):
-    cube = replay.run(tmp_path / "traj", trust_task=True, scheduler="sync", groups="transformer",
-                      out=str(tmp_path / "cube"), progress=False)
+def _replay_and_check(tmp_path, trainer, arch, snaps, items, cli=False):
+    if cli:  # lca replay TRAJ --trust-task, in a process of its own
+        run = subprocess.run([sys.executable, "-m", "replay.cli", "replay", str(tmp_path / "traj"),
+                              "--trust-task", "--scheduler", "sync", "--groups", "transformer",
+                              "--cube", str(tmp_path / "cube"), "--no-progress"],
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                             text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        import xarray as xr
+
+        cube = xr.open_zarr(str(tmp_path / "cube"))
+    else:
+        cube = replay.run(tmp_path / "traj", trust_task=True, scheduler="sync",
+                          groups="transformer", out=str(tmp_path / "cube"), progress=False)
     loss = cube["loss"].sel(dataset="train").values
     assert np.isfinite(cube["lca"].values).all()
     # Telescoping: the loss at the end of interval t is the loss at the start of t + 1.
@@ -122,7 +133,7 @@ def test_trainer_causal_lm_with_label_smoothing_and_a_short_last_accumulation(tm
     _check_recorded(trainer, traj, snaps, losses=False)
     assert traj.aliases == {"lm_head.weight": "transformer.wte.weight"}
     assert traj.task_args["loss"] == "causal" and traj.task_args["label_smoothing"] == 0.1
-    _replay_and_check(tmp_path, trainer, "gpt2", snaps, items)
+    _replay_and_check(tmp_path, trainer, "gpt2", snaps, items, cli=True)
 
 
 @pytest.mark.slow
@@ -280,6 +291,14 @@ def test_bad_input_gets_one_line_errors_and_nothing_is_written(tmp_path):
             f"data['train'] = {junk!r} is not a dataset saved with datasets.Dataset.save_to_disk; "
             "save each split with datasets.Dataset.save_to_disk(path) and pass that folder")):
         LCACallback(tmp_path / "t", data={"train": junk})
+    import datasets
+
+    both = str(tmp_path / "both")
+    datasets.DatasetDict({"train": datasets.load_from_disk(data)}).save_to_disk(both)
+    with pytest.raises(TaskError, match=re.escape(
+            f"data['train'] = {both!r} holds a DatasetDict (splits train), not one split; pass "
+            f"one folder per split, e.g. {{'train': '{both}/train'}}")):
+        LCACallback(tmp_path / "t", data={"train": both})
     with pytest.raises(TaskError, match=re.escape("data['valid'] = ")):
         LCACallback(tmp_path / "t", data={"train": data, "valid": str(tmp_path / "none")})
     with pytest.raises(TaskError, match="takes data= .* or task= .*, not both"):

@@ -12,8 +12,9 @@ trainer.train()          # then: lca replay runs/x/trajectory --trust-task
 θ_0 is recorded when training begins, then θ after every optimizer step (``on_step_end``,
 after the scheduler and ``zero_grad``): with ``gradient_accumulation_steps=k`` one trajectory
 step per k micro-batches, exactly ``state.global_step`` steps. An update that the optimizer
-was called for but did not apply (an fp16 step that the gradient scaler skipped on overflow)
-is still a step, with Δ = 0 and ``"skipped": true`` in the manifest. Only the main process
+was called for but did not apply (an fp16 step that the gradient scaler skipped on overflow:
+seen as a torch optimizer that never ran, accelerate's ``step_was_skipped``, or a loss scale
+that went down) is still a step, with Δ = 0 and ``"skipped": true`` in the manifest. Only the main process
 (``state.is_world_process_zero``) records; the others do nothing. Models whose parameters are
 sharded across processes (FSDP, DeepSpeed ZeRO-3) are refused.
 
@@ -40,7 +41,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+
+try:
+    from transformers import TrainerCallback
+except ImportError as err:  # the extra is not installed
+    raise ImportError(f"replay.integrations.hf needs transformers ({err}); install it with "
+                      "pip install 'lca-replay[hf]'") from err
 
 from replay.errors import RecorderError, TaskError
 from replay.integrations.common import json_args, launch_rank, positive, refuse_sharded
@@ -190,11 +196,11 @@ def hf_task_args(model, args, data: Mapping[str, str], overrides: Mapping | None
     """The arguments of the built-in task :class:`replay.tasks.hf.HFTask` for ``model`` trained
     with TrainingArguments ``args`` on the splits ``data``, checked by rebuilding the model from
     them (offline, on the meta device) and loading the data: TaskError if either fails."""
-    from replay.tasks.hf import HFTask, model_class, rebuild_config
+    from replay.tasks.hf import HFTask, rebuild_config, resolve_model_class
 
     config = json.loads(model.config.to_json_string(use_diff=False))
     rebuild_config(config)
-    model_class(type(model).__name__)
+    resolve_model_class(type(model).__name__)
     task_args = {"config": config, "model_class": type(model).__name__, "data": dict(data),
                  "loss": (overrides or {}).get("loss") or loss_kind(model),
                  "label_smoothing": float(getattr(args, "label_smoothing_factor", 0.0) or 0.0),

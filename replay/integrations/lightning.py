@@ -33,7 +33,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback
+
+try:
+    from lightning.pytorch import Callback
+except ImportError as err:  # the extra is not installed
+    raise ImportError(f"replay.integrations.lightning needs lightning ({err}); install it with "
+                      "pip install 'lca-replay[lightning]'") from err
 
 from replay.errors import RecorderError
 from replay.integrations.common import json_args, launch_rank, positive, refuse_sharded

@@ -2,4 +2,8 @@
 
 - ``replay.tasks.toy_nmt:ToyNMT`` — a small Transformer encoder–decoder on a synthetic
   parallel corpus with Zipfian word frequencies (the demo task).
+- ``replay.tasks.tiny_mlp:TinyMLP`` — an MLP on Gaussian blobs (tests and examples).
+- ``replay.tasks.hf:HFTask`` — a Hugging Face language model rebuilt from its stored config,
+  on splits saved with ``datasets`` (what ``replay.integrations.hf.LCACallback(data=...)``
+  stores).
 """

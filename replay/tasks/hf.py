@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from replay.errors import TaskError
 
-__all__ = ["HFTask", "LOSSES", "PAD_VALUES", "load_split", "rebuild_config"]
+__all__ = ["HFTask", "LOSSES", "PAD_VALUES", "embedding_uses", "load_split", "rebuild_config",
+           "resolve_model_class"]
 
 LOSSES = ("seq2seq", "causal", "masked")
 IGNORE = -100
@@ -67,7 +68,7 @@ def rebuild_config(config: Mapping[str, Any]):
             from None
 
 
-def model_class(name: str):
+def resolve_model_class(name: str):
     """The transformers model class called ``name`` (e.g. ``"MarianMTModel"``)."""
     import transformers
 
@@ -95,8 +96,9 @@ def load_split(name: str, path: str):
     except Exception as err:  # a damaged arrow file, a wrong version …
         raise TaskError(f"{where}: cannot be loaded as a dataset ({err}); {fix}") from None
     if isinstance(ds, datasets.DatasetDict):
-        raise TaskError(f"{where} holds a DatasetDict ({', '.join(ds)}); pass one folder per split "
-                        f"(e.g. {{{next(iter(ds), 'train')!r}: '{path}/{next(iter(ds), 'train')}'}})")
+        first = next(iter(ds), "train")
+        raise TaskError(f"{where} holds a DatasetDict (splits {', '.join(ds)}), not one split; "
+                        f"pass one folder per split, e.g. {{{first!r}: '{path}/{first}'}}")
     if "input_ids" not in ds.column_names:
         raise TaskError(f"{where} has no column 'input_ids' (columns: "
                         f"{', '.join(ds.column_names)}); give the columns the model takes, "
@@ -117,6 +119,12 @@ class HFTask:
     def __init__(self, config: Mapping[str, Any], model_class: str, data: Mapping[str, str],
                  loss: str, label_smoothing: float = 0.0, attn_implementation: str | None = None,
                  eval_batch_size: int | None = None):
+        try:
+            import datasets  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as err:
+            raise TaskError(f"the built-in task {__name__}:HFTask needs transformers and datasets "
+                            f"({err}); install them with pip install 'lca-replay[hf]'") from None
         if loss not in LOSSES:
             raise TaskError(f"HFTask loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
@@ -127,7 +135,7 @@ class HFTask:
                             f"{data!r}")
         self.config = rebuild_config(config)
         self.model_class = model_class
-        self._cls = globals()["model_class"](model_class)
+        self._cls = resolve_model_class(model_class)
         self.loss_kind, self.label_smoothing = loss, float(label_smoothing)
         self.attn_implementation = attn_implementation
         if eval_batch_size is not None:
