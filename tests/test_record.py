@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -262,3 +263,59 @@ def recorder_survives_sigkill(store, kill_after: int, min_steps: int) -> None:
         torch.set_num_threads(threads)
     for t, params, _ in traj.walk():
         assert all(torch.equal(params[k], snaps[t][k]) for k in params), t
+
+
+def test_skipped_updates_are_steps_with_zero_delta_marked_in_the_manifest(tmp_path):
+    # A real gradient scaler skips the update whose gradient overflowed (an Inf put in by hand).
+    for every in (1, 2):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        snaps = {}
+        with Recorder(model, tmp_path / f"traj{every}", every=every) as rec:
+            snaps[0] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            for t in range(1, 6):
+                scaler.scale(model(torch.ones(2, 8)).sum()).backward()
+                if t in (2, 3):
+                    with torch.no_grad():
+                        model[0].weight.grad[0, 0] = float("inf")
+                scale = scaler.get_scale()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+                rec.step(loss=float(t), skipped=scaler.get_scale() < scale)
+                snaps[t] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        traj = open_trajectory(tmp_path / f"traj{every}")
+        assert traj.skipped_steps() == [2, 3]
+        entries = {e["step"]: e for e in traj.manifest["steps"]}
+        if every == 1:
+            assert [t for t, e in entries.items() if e.get("skipped")] == [2, 3]
+            # delta(t) is the update from t to t + 1: those into 2 and 3 were skipped
+            for t, moved in ((0, True), (1, False), (2, False), (3, True)):
+                assert any(float(d.abs().max()) > 0.0 for d in traj.delta(t).values()) == moved
+        else:
+            assert traj.steps == [0, 2, 4, 5]
+            assert entries[2].get("skipped") and entries[2]["interval_skipped"] == [2]
+            assert not entries[4].get("skipped") and entries[4]["interval_skipped"] == [3]
+        for t in traj.steps:
+            assert all(torch.equal(v, snaps[t][n]) for n, v in traj.params(t).items())
+        traj.verify()
+
+
+def test_manifest_validation_checks_skipped_marks(tmp_path):
+    from replay.errors import TrajectoryError
+
+    model = make_model()
+    with Recorder(model, tmp_path / "traj") as rec:
+        rec.step(skipped=True)
+    path = tmp_path / "traj" / "manifest.json"
+    good = json.loads(path.read_text())
+    assert good["steps"][1]["skipped"] is True
+    for key, value, message in (("skipped", 1, "step 1: skipped must be true or false"),
+                                ("interval_skipped", [0], "step 1: interval_skipped must list "
+                                 "ascending steps after 0 up to 1")):
+        bad = json.loads(json.dumps(good))
+        bad["steps"][1][key] = value
+        path.write_text(json.dumps(bad))
+        with pytest.raises(TrajectoryError, match=re.escape(message)):
+            open_trajectory(tmp_path / "traj")

@@ -15,9 +15,12 @@ Vocabulary (all matched per dot-separated name component, case-insensitively):
   (decoder), or starting/ending with one of them plus ``_`` (``src_embed``, ``text_encoder``).
   For a layer parameter only the components before the stack are looked at.
 - **softmax**: a component ``output_projection|lm_head|generator|softmax|adaptive_softmax|
-  proj_out|classifier|embed_out``; ``out_proj`` only directly under a side or at the top level
-  (an ``out_proj`` inside ``layers.N`` is attention, and belongs to its layer); ``head|cls`` only
-  as the first component.
+  proj_out|classifier|embed_out|final_logits_bias``; ``out_proj`` only directly under a side or
+  at the top level (an ``out_proj`` inside ``layers.N`` is attention, and belongs to its layer);
+  ``head|cls`` only as the first component. Inside such a head, the hidden layer that some
+  heads put before the vocabulary projection (a component ``transform|dense`` or a norm after
+  the head's: BERT's ``cls.predictions.transform.*``, RoBERTa's ``lm_head.dense``) is not the
+  softmax but a **head layer**, grouped like ``other`` tensors.
 - **norm**: a component containing ``norm`` or equal to ``ln``/``ln_*`` (GPT-2 ``ln_f``).
 - **embedding**: a component containing ``emb`` (``embed_tokens``, ``word_embeddings``,
   ``embed_positions``, ``pos_embed``) or equal to ``wte|wpe|shared|lut``, unless a norm component
@@ -26,6 +29,18 @@ Vocabulary (all matched per dot-separated name component, case-insensitively):
 Side-less layers and embeddings (decoder-only LMs such as GPT-2, or a ``shared`` embedding tied
 between encoder and decoder) are put on the *default side*: the encoder if every layer stack in
 the model is on the encoder side (encoder-only models such as BERT), else the decoder.
+
+Positions: learned position embeddings (``embed_positions``, GPT-2's ``wpe``, BERT's
+``position_embeddings``, and its ``token_type_embeddings``) belong to their side's embedding
+group: with the token embedding they are the input layer of that side. Relative position biases
+(T5's ``relative_attention_bias``) live inside a layer and belong to it; sinusoidal positions
+(Marian, the demo model) are no parameters at all.
+
+Tied weights: a tied tensor is recorded once, under its first name (``model.shared.weight``,
+``transformer.wte.weight``); each use of it has an alias name (``model.encoder.embed_tokens.
+weight``, ``model.decoder.embed_tokens.weight``, ``lm_head.weight``). Given as tensors of their
+own, the uses land where the rules above put them (``en_emb``, ``de_emb``, ``de_softmax``),
+since each name says where the tensor is used.
 """
 
 from __future__ import annotations
@@ -44,7 +59,8 @@ __all__ = [
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.", re.IGNORECASE)
 _SIDES = (("en", ("encoder", "enc", "src")), ("de", ("decoder", "dec", "tgt")))
 _SOFTMAX = {"output_projection", "lm_head", "generator", "softmax", "adaptive_softmax",
-            "proj_out", "classifier", "embed_out"}
+            "proj_out", "classifier", "embed_out", "final_logits_bias"}
+_HEAD_LAYER = {"transform", "dense"}
 _SOFTMAX_FIRST = {"head", "cls"}
 _EMB_EXACT = {"wte", "wpe", "shared", "lut"}
 
@@ -74,13 +90,22 @@ def _side(parts: Sequence[str]) -> str | None:
     return None
 
 
-def _is_softmax(parts: Sequence[str]) -> bool:
+def _head(parts: Sequence[str]) -> int | None:
+    """Index of the component that makes ``parts`` a softmax/output head, or None."""
     low = [p.lower() for p in parts]
-    if low[0] in _SOFTMAX_FIRST or any(p in _SOFTMAX for p in low):
-        return True
-    # out_proj only directly under a side (decoder.out_proj) or at the top level
-    return any(p == "out_proj" and (i == 0 or _side(parts[i - 1:i]) is not None)
-               for i, p in enumerate(low))
+    if low[0] in _SOFTMAX_FIRST:
+        return 0
+    for i, p in enumerate(low):
+        # out_proj only directly under a side (decoder.out_proj) or at the top level
+        if p in _SOFTMAX or (p == "out_proj" and (i == 0 or _side(parts[i - 1:i]) is not None)):
+            return i
+    return None
+
+
+def _is_head_layer(parts: Sequence[str], head: int) -> bool:
+    """A hidden layer of the head before its vocabulary projection (BERT's transform)."""
+    rest = parts[head + 1:]
+    return any(p.lower() in _HEAD_LAYER for p in rest) or _is_norm(rest)
 
 
 def _is_norm(parts: Sequence[str]) -> bool:
@@ -101,8 +126,9 @@ def _classify(names: Sequence[str]) -> dict[str, tuple[str, str | None, int | No
         m = _LAYER.search(n)
         if m:
             raw[n] = ("layer", _side(n[: m.start()].split(".")), int(m.group(1)))
-        elif _is_softmax(parts):
-            raw[n] = ("softmax", _side(parts), None)
+        elif (head := _head(parts)) is not None:
+            kind = "other" if _is_head_layer(parts, head) else "softmax"
+            raw[n] = (kind, _side(parts), None)
         elif _is_embedding(parts):
             raw[n] = ("emb", _side(parts), None)
         else:

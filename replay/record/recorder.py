@@ -28,7 +28,7 @@ from replay.store.manifest import (
     FORMAT_VERSION, MANIFEST, ManifestWriter, is_remote, local_path, write_atomic,
 )
 
-__all__ = ["Recorder"]
+__all__ = ["Recorder", "check_destination"]
 
 class Recorder:
     """Record a training run into the trajectory store at ``path`` (a new local directory).
@@ -94,9 +94,11 @@ class Recorder:
         self._step = 0
         self._last_recorded = -1
         self._pending_losses: list = []
+        self._pending_skipped: list[int] = []
         self._next_loss: Any = None
         self._last_lr: list[float] | None = None
         self._last_loss: Any = None
+        self._last_skipped = False
         self._closed = False
         self._error_raised = False
         self._hooks: list = []
@@ -150,12 +152,16 @@ class Recorder:
         self._next_loss = _loss_value(loss)
 
     def step(self, loss: float | torch.Tensor | None = None,
-             lr: float | list[float] | None = None) -> None:
+             lr: float | list[float] | None = None, skipped: bool = False) -> None:
         """One optimizer update happened: step += 1, recorded if it is a multiple of ``every``.
 
         ``loss`` (float or 0-d tensor, read when the step is recorded) is the training loss
-        of that update; ``lr`` a float or one per parameter group. Re-raises a failure of
-        the background writer as RecorderError.
+        of that update; ``lr`` a float or one per parameter group. ``skipped=True``: the
+        optimizer was called but left the parameters alone (an AMP step that the gradient
+        scaler skipped on overflow); it still counts as a step of the trajectory (its Δ is 0,
+        as recorded) and the manifest marks it (``"skipped": true``, with ``every > 1`` the
+        interval's skipped steps in ``"interval_skipped"``). Re-raises a failure of the
+        background writer as RecorderError.
         """
         self._check_running()
         value = _loss_value(loss) if loss is not None else self._next_loss
@@ -164,10 +170,13 @@ class Recorder:
         self._last_lr = _lr_list(lr)
         if self.every > 1:
             self._pending_losses.append(value)
+            if skipped:
+                self._pending_skipped.append(self._step)
         if self._step % self.every == 0:
-            self._submit(value, self._last_lr, self._take_interval())
+            self._submit(value, self._last_lr, self._take_interval(), skipped=bool(skipped))
         else:
             self._last_loss = value
+            self._last_skipped = bool(skipped)
 
     def close(self) -> None:
         """Record the final step if ``every`` skipped it, flush the writer, finalise the store."""
@@ -180,13 +189,7 @@ class Recorder:
 
     # ------------------------------------------------------------------ internals
     def _check_destination(self) -> None:
-        if os.path.isdir(self.path) and os.listdir(self.path):
-            what = ("already holds a trajectory" if os.path.exists(
-                os.path.join(self.path, MANIFEST)) else "is not empty")
-            raise RecorderError(f"{self.path} {what}; choose a new path or delete it "
-                                "(the Recorder never overwrites data)")
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise RecorderError(f"{self.path} is a file; choose a new directory path")
+        check_destination(self.path)
 
     def _check_running(self) -> None:
         if self._writer is None:
@@ -213,13 +216,16 @@ class Recorder:
                 f"{w.proc.poll()}); {self.path} is valid up to step {w.last_complete}; "
                 "record into a new path")
 
-    def _take_interval(self) -> list | None:
+    def _take_interval(self) -> tuple[list, list[int]] | None:
+        """(losses, skipped steps) of the updates since the last recorded step (``every > 1``)."""
         if self.every == 1:
             return None
         losses, self._pending_losses = self._pending_losses, []
-        return losses
+        skipped, self._pending_skipped = self._pending_skipped, []
+        return losses, skipped
 
-    def _submit(self, loss: Any, lr: list[float] | None, interval: list | None) -> None:
+    def _submit(self, loss: Any, lr: list[float] | None, interval: tuple | None,
+                skipped: bool = False) -> None:
         """Snapshot θ_step and state into a free shared buffer and hand it to the writer."""
         w = self._writer
         slot = w.take_slot(self._raise_writer_error)
@@ -236,8 +242,13 @@ class Recorder:
                    f'{_json_number(_finite(loss))},"time":{time.time():.3f}')
         if lr is not None:
             message += f',"lr":[{",".join(map(_json_number, lr))}]'
+        if skipped:
+            message += ',"skipped":true'
         if interval is not None:
-            message += f',"interval":[{",".join(_json_number(_finite(v)) for v in interval)}]'
+            losses, skipped_steps = interval
+            message += f',"interval":[{",".join(_json_number(_finite(v)) for v in losses)}]'
+            if skipped_steps:
+                message += f',"interval_skipped":[{",".join(map(str, skipped_steps))}]'
         w.send(message + "}", slot, self._raise_writer_error)
         self._last_recorded = self._step
 
@@ -248,7 +259,7 @@ class Recorder:
             if (record_final and self._writer.error is None and not self._error_raised
                     and self._step != self._last_recorded):
                 self._submit(self._last_loss, self._last_lr,
-                             self._take_interval())
+                             self._take_interval(), skipped=self._last_skipped)
         finally:
             self._closed = True
             for handle in self._hooks:
@@ -261,6 +272,17 @@ class Recorder:
 
 
 # ---------------------------------------------------------------------- helpers
+
+def check_destination(path: str) -> None:
+    """RecorderError unless ``path`` is free for a new store (absent, or an empty directory)."""
+    if os.path.isdir(path) and os.listdir(path):
+        what = ("already holds a trajectory" if os.path.exists(
+            os.path.join(path, MANIFEST)) else "is not empty")
+        raise RecorderError(f"{path} {what}; choose a new path or delete it "
+                            "(the Recorder never overwrites data)")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RecorderError(f"{path} is a file; choose a new directory path")
+
 
 def _loss_value(loss: Any) -> Any:
     if loss is None:

@@ -9,7 +9,8 @@ Started by :class:`replay.record.channel.WriterProcess`, which calls :func:`main
 it over pipes, one JSON object per line:
 
 - stdin, first line: the configuration (store root, manifest header, mode, keyframe interval,
-  buffer layout); then ``{"op": "step", "slot", "step", "loss", "lr", "time", "interval"}``
+  buffer layout); then ``{"op": "step", "slot", "step", "loss", "lr", "time", "interval",
+  "skipped", "interval_skipped"}`` (the last three optional)
   per recorded step and ``{"op": "close"}`` at the end (end of file counts as close).
 - stdout: ``{"ready": true}`` once set up, ``{"error", "type", "step"}`` once if writing fails.
 
@@ -203,8 +204,12 @@ class Writer:
         if state:
             self.write("state", t, state, entry, full=int(keyframe))
         entry["loss"], entry["lr"], entry["time"] = msg["loss"], msg.get("lr"), msg["time"]
+        if msg.get("skipped"):
+            entry["skipped"] = True
         if msg.get("interval") is not None:
             entry["interval_losses"] = msg["interval"]
+        if msg.get("interval_skipped"):
+            entry["interval_skipped"] = msg["interval_skipped"]
         self.manifest.append(entry)
         self.unwritten = t
         if self.commit_wait() == 0.0:

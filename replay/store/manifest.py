@@ -13,8 +13,13 @@ manifest is replaced atomically after each completed step). Layout::
      "steps": [{"step", "files": {"keyframe"|"delta"|"state": relpath},
                 "sha256": {relpath: hex}, "bytes": {relpath: int},
                 "loss": float | null, "lr": [float, ...] | null, "time": unix seconds,
-                "interval_losses": [...]  # only with every > 1: losses of steps (prev, step]
+                "interval_losses": [...],  # only with every > 1: losses of steps (prev, step]
+                "skipped": true,           # only if the optimizer skipped the update into step
+                "interval_skipped": [t, ...]  # only with every > 1: skipped updates in (prev, step]
                }, ...]}
+
+A skipped update (an AMP step that the gradient scaler skipped on overflow) is still a step:
+θ_step equals θ_{step-1}, so its Δ is 0.
 
 ``files["delta"]`` of step t is Δ from t to the next recorded step (named by t).
 """
@@ -142,7 +147,7 @@ def validate(m: object, where: str) -> None:
     for i, e in enumerate(m["steps"]):
         ok = isinstance(e, dict) and isinstance(e.get("step"), int) and e["step"] > last
         _need(ok, where, f"steps[{i}] needs an integer step greater than the previous one")
-        last = e["step"]
+        prev, last = last, e["step"]
         files, sha, size = e.get("files"), e.get("sha256"), e.get("bytes")
         _need(isinstance(files, dict) and isinstance(sha, dict) and isinstance(size, dict),
               where, f"step {last}: files, sha256 and bytes must be objects")
@@ -154,6 +159,13 @@ def validate(m: object, where: str) -> None:
             _need(ok, where, f"step {last}: bad {role} entry {rel!r} (needs a relative path "
                              "with a sha256 and a byte count)")
         _need(i > 0 or "keyframe" in files, where, "the first recorded step has no keyframe")
+        _need(isinstance(e.get("skipped", False), bool), where,
+              f"step {last}: skipped must be true or false")
+        gaps = e.get("interval_skipped", [])
+        _need(isinstance(gaps, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) and prev < t <= last for t in gaps)
+              and gaps == sorted(set(gaps)), where,
+              f"step {last}: interval_skipped must list ascending steps after {prev} up to {last}")
 
 
 # ------------------------------------------------------------------------------------ writing

@@ -94,6 +94,16 @@ class Trajectory:
             prev = t
         return out
 
+    def skipped_steps(self) -> list[int]:
+        """Steps whose update the optimizer skipped (θ unchanged, e.g. an AMP overflow), ascending;
+        with ``every > 1`` unrecorded ones included."""
+        out = set()
+        for e in self.manifest["steps"]:
+            out.update(e.get("interval_skipped", ()))
+            if e.get("skipped"):
+                out.add(e["step"])
+        return sorted(out)
+
     def lrs(self) -> dict[int, list[float] | None]:
         """Learning rate per parameter group at each recorded step (None if not reported)."""
         return {t: e.get("lr") for t, e in self._entries.items()}

@@ -5,4 +5,7 @@
 - ``replay.tasks.tiny_mlp:TinyMLP`` — an MLP on Gaussian blobs (tests, examples).
 - ``replay.tasks.tiny_cnn:TinyCNN`` — a two-convolution classifier on synthetic images, with
   torchvision-style names (``features.N``, ``classifier.N``).
+- ``replay.tasks.hf:HFTask`` — a Hugging Face language model rebuilt from its stored config,
+  on splits saved with ``datasets`` (what ``replay.integrations.hf.LCACallback(data=...)``
+  stores).
 """
