@@ -23,7 +23,9 @@ pytest.importorskip("datasets")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import analysis  # noqa: E402,F401  (the .lca accessor)
 import replay  # noqa: E402
+from replay.grouping.frequency import canonical_counts  # noqa: E402
 from replay.errors import RecorderError, TaskError  # noqa: E402
 from replay.integrations.hf import HF_TASK, LCACallback, hf_task_args  # noqa: E402
 from replay.record.recorder import Recorder  # noqa: E402
@@ -121,6 +123,27 @@ def test_trainer_seq2seq_records_every_optimizer_step_and_replays_without_a_task
     assert traj.task_args["config"]["model_type"] == "marian"
     cube = _replay_and_check(tmp_path, trainer, "marian", snaps, items)
     assert "transformer/de_emb" in cube["group"].values
+    # Split by use (the default): the encoder's, the decoder's and the softmax's use of the
+    # tied model.shared.weight each get their own LCA, and they add up to the joint LCA.
+    kw = dict(trust_task=True, scheduler="sync", precision="float64", progress=False)
+    split = replay.run(tmp_path / "traj", groups=["tensor", "transformer"],
+                       out=str(tmp_path / "split"), **kw)
+    joint = replay.run(tmp_path / "traj", groups=["tensor", "transformer"], tied="joint",
+                       out=str(tmp_path / "joint"), **kw)
+    uses = ["model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
+            "lm_head.weight"]
+    labels = [str(g) for g in split["group"].values]
+    assert "tensor/model.shared.weight" not in labels  # never used by the forward pass
+    per_use = split["lca"].sel(group=[f"tensor/{u}" for u in uses]).sum("group")
+    np.testing.assert_allclose(per_use.values, joint["lca"].sel(
+        group="tensor/model.shared.weight").values, rtol=0, atol=1e-10)
+    t = split.lca.grouping("transformer")
+    sizes = dict(zip(map(str, t["group"].values), t["group_size"].values.tolist()))
+    rows_ = int(split["group_size"].sel(group=f"tensor/{uses[0]}").values)
+    assert sizes["en_emb"] >= rows_ and sizes["de_softmax"] == rows_
+    np.testing.assert_allclose(t["lca"].sum("group").values,
+                               joint.lca.grouping("transformer")["lca"].sum("group").values,
+                               rtol=0, atol=1e-10)
 
 
 @pytest.mark.slow
@@ -250,7 +273,7 @@ def test_task_token_counts_per_use_and_for_the_tied_tensor(tmp_path):
     data = save(str(tmp_path / "train"), items)
     model = tiny("marian")
     task = HFTask(**hf_task_args(model, training_args(str(tmp_path / "o")), {"train": data}))
-    uses = task.use_token_counts()
+    uses = task.token_counts()
     src = np.bincount([t for x in items for t in x["input_ids"]], minlength=40)
     tgt = np.bincount([t for x in items for t in x["labels"]], minlength=40)
     dec = np.bincount([t for x in items for t in [0] + x["labels"][:-1]], minlength=40)
@@ -259,15 +282,16 @@ def test_task_token_counts_per_use_and_for_the_tied_tensor(tmp_path):
     np.testing.assert_array_equal(uses["model.encoder.embed_tokens.weight"].numpy(), src)
     np.testing.assert_array_equal(uses["model.decoder.embed_tokens.weight"].numpy(), dec)
     np.testing.assert_array_equal(uses["lm_head.weight"].numpy(), tgt)
-    counts = task.token_counts()
-    assert list(counts)[-1] == "model.shared.weight"  # last: the recorded tensor's total
-    np.testing.assert_array_equal(counts["model.shared.weight"].numpy(), src + dec + tgt)
+    # joint LCA: the tied tensor's rows take the counts of all its uses
+    names = ["model.shared.weight"]
+    aliases = dict.fromkeys(uses, "model.shared.weight")
+    joint = canonical_counts(uses, names, aliases, "here")
+    np.testing.assert_array_equal(joint["model.shared.weight"], src + dec + tgt)
     assert task.item_size(task.datasets()["train"][2]) == len(items[2]["input_ids"]) + len(
         items[2]["labels"])
     gpt2 = HFTask(**hf_task_args(tiny("gpt2"), training_args(str(tmp_path / "o")),
                                  {"train": save(str(tmp_path / "c"), rows("causal", 4))}))
-    assert list(gpt2.use_token_counts()) == ["transformer.wte.weight", "lm_head.weight"]
-    assert list(gpt2.token_counts()) == ["lm_head.weight", "transformer.wte.weight"]
+    assert list(gpt2.token_counts()) == ["transformer.wte.weight", "lm_head.weight"]
 
 
 # ---------------------------------------------------------------- bad input

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from replay.grouping.groupings import resolve_groupings  # noqa: E402
+from replay.grouping.resolve import resolve_groupings  # noqa: E402
 from replay.grouping.presets import layer_labels, sparse_dense_labels, transformer_labels  # noqa: E402
 from replay.record.snapshot import model_tensors  # noqa: E402
 from tests.helpers_trainers import tiny  # noqa: E402

@@ -176,3 +176,51 @@ def test_transformer_preset_sees_every_use(store, tmp_path):
     sizes = dict(zip((str(g) for g in t["group"].values), t["group_size"].values.tolist()))
     assert sizes["en_emb"] == VOCAB * DIM and sizes["de_emb"] == VOCAB * DIM
     assert sizes["de_softmax"] == VOCAB * DIM
+
+
+class SharedFirstNet(TiedNet):
+    """As Marian and BART: the tied tensor is registered first under a module the forward pass
+    never calls (``shared``), so its recorded name is no use at all."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.shared = nn.Embedding(VOCAB, DIM)
+        self.encoder = nn.Module()
+        self.encoder.embed_tokens = self.shared
+        self.decoder = nn.Module()
+        self.decoder.embed_tokens = self.shared
+        self.mix = nn.Linear(DIM, DIM)
+        self.lm_head = nn.Linear(DIM, VOCAB, bias=False)
+        self.lm_head.weight = self.shared.weight
+
+
+class SharedFirstTask(TiedTask):
+    def build_model(self):
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            return SharedFirstNet()
+
+
+def test_a_use_the_loss_never_reaches_is_left_out(tmp_path):
+    task = SharedFirstTask()
+    model = task.build_model()
+    assert next(iter(dict(model.named_parameters(remove_duplicate=False)))) == "shared.weight"
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    data = task.datasets()["train"]
+    store = str(tmp_path / "traj")
+    with replay.Recorder(model, store) as rec:
+        for step in range(3):
+            loss, n = task.loss(model, task.collate(data[step * 7:][:7]))
+            (loss / n).backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step()
+    assert replay.open_trajectory(store).names[0] == "shared.weight"
+    common = dict(task=task, scheduler="sync", precision="float64", groups=["tensor"],
+                  progress=False)
+    split = replay.run(store, out=str(tmp_path / "s.zarr"), **common)
+    joint = replay.run(store, out=str(tmp_path / "j.zarr"), tied="joint", **common)
+    assert [str(g) for g in split["group"].values] == [
+        f"tensor/{n}" for n in (ENC, DEC, HEAD, "mix.weight", "mix.bias")]
+    np.testing.assert_allclose(split["lca"].values[:, :3].sum(axis=1), joint["lca"].values[:, 0],
+                               rtol=0, atol=1e-10)

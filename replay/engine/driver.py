@@ -15,18 +15,19 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import xarray as xr
 
 from replay.cluster.executor import JOBQUEUE, executor
 from replay.cube import failure, param_lca, schema
 from replay.cube import writer as cubes
 from replay.cube.lock import CubeLock
-from replay.engine.gradients import plan_batches, sorts_by_size
+from replay.engine.gradients import plan_batches, sorts_by_size, to_device
 from replay.engine.piece import Spec, compute_piece
 from replay.engine.plan import (absolute, default_chunk, default_cube_path, intervals,
                                 plan_pieces, select_steps)
 from replay.engine.preflight import check_files, check_model
-from replay.engine.tied import tensor_uses, use_counts
+from replay.engine.tied import reached_uses, tensor_uses, use_counts
 from replay.errors import ReplayError, TaskError
 from replay.settings import ReplaySettings, describe_gradient
 
@@ -126,11 +127,15 @@ def prepare(trajectory, task=None, *, settings: ReplaySettings | None = None,
         counts = {k: np.asarray(v) for k, v in task_inst.token_counts().items()}
     uses = tensor_uses(traj.names, traj.aliases, s.tied)
     split = len(uses) > len(traj.names)
+    if split:  # uses the loss never reaches would only dilute their groups
+        probe = [to_device(task_inst.collate([provided[d][i] for i in range(min(8, len(
+            provided[d])))]), torch.device("cpu"), torch.float32) for d in names]
+        uses = reached_uses(task_inst, uses, probe)
     names_u = list(uses)
     shapes_u = {use: traj.shapes[name] for use, name in uses.items()}
     spec_groups = s.groups if s.groups is not None else default_groupings(names_u)
     groupings = resolve_groupings(list(spec_groups), names_u, shapes_u,
-                                  use_counts(counts, uses) if split else counts,
+                                  use_counts(counts, uses, traj.aliases) if split else counts,
                                   aliases=None if split else traj.aliases)
     batch = int(s.eval_batch_size or getattr(task_inst, "eval_batch_size", DEFAULT_BATCH))
     by_size = sorts_by_size(task_inst)

@@ -19,7 +19,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import nn
+
+from replay.grouping.frequency import add_counts
 
 
 def tensor_uses(names: Sequence[str], aliases: Mapping[str, str], tied: str) -> dict[str, str]:
@@ -39,14 +42,17 @@ def tensor_uses(names: Sequence[str], aliases: Mapping[str, str], tied: str) -> 
     return out
 
 
-def use_counts(token_counts: Mapping | None, uses: Mapping[str, str]) -> dict | None:
-    """Token counts for each use: its own entry, else one given for any name of its tensor
-    (tied uses index the same vocabulary)."""
+def use_counts(token_counts: Mapping | None, uses: Mapping[str, str],
+               aliases: Mapping[str, str]) -> dict | None:
+    """Token counts for each use: its own entry, else the sum of those given for the other
+    names of its tensor (tied uses index the same vocabulary)."""
     if not token_counts:
         return token_counts
     by_tensor: dict[str, object] = {}
     for key, value in token_counts.items():
-        by_tensor.setdefault(uses.get(key, key), value)
+        tensor = aliases.get(key, key)
+        by_tensor[tensor] = (add_counts(by_tensor[tensor], value, tensor, key, "token counts")
+                             if tensor in by_tensor else value)
     out = {}
     for use, canonical in uses.items():
         if use in token_counts:
@@ -55,6 +61,35 @@ def use_counts(token_counts: Mapping | None, uses: Mapping[str, str]) -> dict | 
             out[use] = by_tensor[canonical]
     # a count under a name that is no use stays, so the grouping can name it as unknown
     out.update({k: v for k, v in token_counts.items() if k not in uses and k not in out})
+    return out
+
+
+def reached_uses(task, uses: Mapping[str, str], batches: Sequence) -> dict[str, str]:
+    """The uses the task's loss reaches on ``batches`` (collated, on the CPU), in order.
+
+    A model may hold a tied tensor under a name it never computes with (Marian's and BART's
+    ``model.shared.weight`` sits beside the encoder's, the decoder's and the softmax's uses): a
+    copy there would always have zero gradient yet count in its group's size. Such uses are
+    left out; a tensor whose uses all go unreached keeps its recorded name.
+    """
+    if all(u == c for u, c in uses.items()):
+        return dict(uses)
+    model = task.build_model()
+    untie(model, uses)
+    model.eval()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    names = list(uses)
+    reached: set[str] = set()
+    for batch in batches:
+        loss_sum, _ = task.loss(model, batch)
+        if loss_sum.requires_grad:
+            grads = torch.autograd.grad(loss_sum, [params[n] for n in names], allow_unused=True)
+            reached.update(n for n, g in zip(names, grads) if g is not None)
+    out = {}
+    for use, canonical in uses.items():
+        kept = [u for u, c in uses.items() if c == canonical and u in reached]
+        if use in kept or (not kept and use == canonical):
+            out[use] = canonical
     return out
 
 

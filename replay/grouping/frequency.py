@@ -75,15 +75,31 @@ def frequency_grouping(name: str, buckets: int, names, shapes, token_counts, ali
 
 
 def canonical_counts(token_counts, names, aliases, where) -> dict:
+    """Counts per recorded tensor; counts given under several names of one tied tensor (one
+    per use) are added, since the tensor's rows serve all those uses."""
     known, aliases = set(names), dict(aliases or {})
-    out = {}
+    out, given = {}, {}
     for key, value in token_counts.items():
         canonical = aliases.get(key, key)
         if canonical not in known:
             raise GroupingError(f"{where}: Task.token_counts() names {key!r}, which is not a "
                                 f"recorded parameter (recorded: {name_list(list(names))})")
-        out[canonical] = value
+        if canonical in out:
+            out[canonical] = add_counts(out[canonical], value, given[canonical], key, where)
+        else:
+            out[canonical], given[canonical] = value, key
     return out
+
+
+def add_counts(a, b, key_a: str, key_b: str, where: str) -> np.ndarray:
+    """Two count vectors of the same rows, added (float64)."""
+    a, b = (np.asarray(x.detach().cpu().double() if hasattr(x, "detach") else x, np.float64)
+            for x in (a, b))
+    if a.shape != b.shape:
+        raise GroupingError(f"{where}: token counts for {key_a!r} and {key_b!r} (one tied "
+                            f"tensor) have shapes {a.shape} and {b.shape}; give one count per "
+                            "row of the tensor under each name")
+    return a + b
 
 
 def parse_buckets(value, where) -> int:

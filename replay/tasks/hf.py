@@ -215,23 +215,8 @@ class HFTask:
 
     def token_counts(self) -> dict[str, torch.Tensor]:
         """Per-row token frequencies (float64, one per row) of the train split (the first split
-        if none is called ``train``), keyed by the recorded name of each embedding tensor and by
-        the alias name of each of its uses (see :meth:`use_token_counts`). A tied tensor's
-        recorded name holds the sum over its uses and comes last, so that a grouping that maps
-        aliases to recorded names takes the whole tensor's counts."""
-        uses = self.use_token_counts()
-        owner = self._embedding_uses()
-        out, whole = {}, {}
-        for name, counts in uses.items():
-            canonical = owner[name][1]
-            whole[canonical] = whole.get(canonical, 0) + counts
-            if name != canonical:
-                out[name] = counts
-        out.update(whole)
-        return out
-
-    def use_token_counts(self) -> dict[str, torch.Tensor]:
-        """One count vector per use of a token embedding, keyed by the name of that use:
+        if none is called ``train``): one count vector per use of a token embedding, keyed by
+        the name of that use (with ``tied="joint"`` the replay adds a tied tensor's uses):
         encoder input ← ``input_ids``; decoder input ← the tokens the decoder reads (``labels``
         shifted right, or ``decoder_input_ids``); output projection ← the predicted labels
         (causal: ``labels[1:]``); a causal or masked LM's input ← ``input_ids``. A tensor that
