@@ -20,7 +20,7 @@
 Usage::
 
     python benchmarks/bench_big.py [--hidden 4096] [--depth 4] [--writer-steps 10]
-                                   [--record-steps 8] [--replay-steps 3] [--repeats 2]
+                                   [--record-steps 12] [--replay-steps 3] [--repeats 2]
                                    [--only writer,record,replay,memory] [--work DIR] [--quick]
 """
 
@@ -44,6 +44,9 @@ import common  # noqa: E402
 
 MLP = "replay.tasks.tiny_mlp:TinyMLP"
 PARTS = ("writer", "record", "replay", "memory")
+# Snapshot buffers of a default Recorder (queue_size + 2): each is first written (page faults
+# of fresh shared memory) when the queue first grows that deep.
+SLOTS = 6
 
 
 def mlp_args(args) -> dict:
@@ -196,7 +199,7 @@ def record_part(args, task, work) -> list[dict]:
     n = n_params(trainer.model)
     for _ in range(2):
         trainer.step()                              # warm: Adam state, allocator
-    plain, recorded, closes, per_param = [], [], [], []
+    plain, recorded, closes, per_param, inside, steady = [], [], [], [], [], []
     for r in range(args.repeats):
         for _ in range(args.record_steps):
             t0 = time.perf_counter()
@@ -205,11 +208,15 @@ def record_part(args, task, work) -> list[dict]:
         path = os.path.join(work, f"big-record-{r}")
         shutil.rmtree(path, ignore_errors=True)
         rec = replay.Recorder(trainer.model, path).start()
-        for _ in range(args.record_steps):
+        for k in range(args.record_steps):
             t0 = time.perf_counter()
             loss = trainer.step()
+            t1 = time.perf_counter()
             rec.step(loss=loss)
+            inside.append(time.perf_counter() - t1)
             recorded.append(time.perf_counter() - t0)
+            if k >= SLOTS:
+                steady.append(recorded[-1])
         t0 = time.perf_counter()
         rec.close()
         closes.append(time.perf_counter() - t0)
@@ -224,6 +231,12 @@ def record_part(args, task, work) -> list[dict]:
     common.log(f"  step without Recorder {a * 1e3:.0f} ms, with {b * 1e3:.0f} ms (median "
                f"overhead {b / a - 1:+.1%}); close() {common.median(closes):.2f} s; with "
                f"close() spread over the steps {whole:+.1%}")
+    if steady:
+        common.log(f"  steps after the first {SLOTS} of a block (every snapshot buffer in use "
+                   f"once): median {common.median(steady) * 1e3:.0f} ms "
+                   f"({common.median(steady) / a - 1:+.1%})")
+    common.log(f"  inside rec.step() (snapshot into shared memory, waiting for a free buffer): "
+               f"median {common.median(inside) * 1e3:.0f} ms, max {max(inside) * 1e3:.0f} ms")
     common.log(f"  {common.median(per_param):.3f} bytes per parameter per recorded step "
                f"({args.record_steps + 1} steps, θ_0 a keyframe)")
     return [
@@ -308,7 +321,7 @@ def main(argv=None) -> dict:
     p.add_argument("--test-size", type=int, default=32, help="items in the test split (32)")
     p.add_argument("--versions", type=int, default=3, help="snapshots fed to the writer (3)")
     p.add_argument("--writer-steps", type=int, default=10, help="delta steps per writer run")
-    p.add_argument("--record-steps", type=int, default=8, help="training steps per block (8)")
+    p.add_argument("--record-steps", type=int, default=12, help="training steps per block (12)")
     p.add_argument("--replay-steps", type=int, default=3, help="steps replayed (3)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (2)")
     p.add_argument("--only", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
