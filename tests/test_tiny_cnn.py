@@ -45,9 +45,9 @@ def test_a_replay_of_it_telescopes(tmp_path):
     cube = replay.run(str(tmp_path / "traj"), task=TASK, task_args=ARGS, datasets=["test"],
                       quadrature="adaptive", tolerance=1e-7, precision="float64",
                       out=str(tmp_path / "c.zarr"), scheduler="sync", progress=False)
-    change = cube.loss_next.values - cube.loss.values
-    total = cube.lca.sum("group").values          # one grouping: every tensor once
+    change = cube["loss_next"].values - cube["loss"].values
+    total = cube["lca"].sum("group").values       # one grouping: every tensor once
     # ReLU and max-pooling make the loss piecewise smooth along an update: the quadrature
     # error is small, not zero, and the residual accounts for it.
     assert np.allclose(total, change, rtol=1e-2, atol=1e-7)
-    assert np.allclose(total + cube.residual.values, change, rtol=1e-9, atol=1e-12)
+    assert np.allclose(total + cube["residual"].values, change, rtol=1e-9, atol=1e-12)

@@ -194,7 +194,7 @@ def write_atomic(directory: str, rel: str, data: bytes | list) -> None:
     for the manifest, a power loss that undoes the rename leaves the previous one, whole.
     """
     FileWriter(direct=False).write(os.path.join(directory, rel),
-                                   data if isinstance(data, list) else [data])
+                                   data if isinstance(data, list) else [data], digest=None)
 
 
 class ManifestWriter:
