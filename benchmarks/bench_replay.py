@@ -34,14 +34,14 @@ GROUPS = ["transformer", "sparse-dense", "frequency", "tensor"]
 DATASETS = ["train", "valid"]
 
 
-def engine_run(store: str, out: str, **kw) -> tuple[int, object]:
+def engine_run(store: str, out: str, task=common.TASK, **kw) -> tuple[int, object]:
     """``replay.run`` on a fresh cube; returns (gradient evaluations, cube)."""
     import replay
 
     shutil.rmtree(out, ignore_errors=True)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):  # the summary line carries the evaluation count
-        cube = replay.run(store, task=common.TASK, out=out, progress=True, **kw)
+        cube = replay.run(store, task=task, out=out, progress=True, **kw)
     found = re.search(r"\((\d+) gradient evaluations", err.getvalue())
     return (int(found.group(1)) if found else -1), cube
 

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from replay.store.files import FileWriter
+from replay.store.files import AlignedBuffer, BackgroundFiles, FileWriter
 
 
 class SmallStage(FileWriter):
@@ -87,4 +87,81 @@ def test_a_full_disk_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
     writer = FileWriter()
     with pytest.raises(OSError, match="No space left"):
         writer.write(str(tmp_path / "f"), chunks_of(10000, 0))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("digest", ["xxh3_128", None])
+def test_files_are_hashed_with_the_named_algorithm(tmp_path, digest):
+    import xxhash
+
+    writer = SmallStage()
+    for i, size in enumerate(SIZES):
+        chunks = chunks_of(size, i)
+        expected = b"".join(bytes(c) for c in chunks)
+        hexd, n = writer.write(str(tmp_path / f"f{i}"), chunks, digest=digest)
+        assert n == size and (tmp_path / f"f{i}").read_bytes() == expected
+        assert hexd == (xxhash.xxh3_128(expected).hexdigest() if digest else "")
+
+
+def filled(size: int, seed: int) -> AlignedBuffer:
+    buf = AlignedBuffer(size)
+    buf.mem[:size] = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+    return buf
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_buffers_are_written_as_files_of_their_length(tmp_path, direct):
+    writer = FileWriter(direct=direct)
+    for i, size in enumerate(SIZES):
+        buf = filled(size, i)
+        writer.write_buffer(str(tmp_path / f"f{i}"), buf, size)
+        assert (tmp_path / f"f{i}").read_bytes() == buf.mem[:size]
+    assert writer.direct is direct
+    assert sorted(os.listdir(tmp_path)) == sorted(f"f{i}" for i in range(len(SIZES)))
+
+
+def test_a_buffer_refused_by_o_direct_is_written_through_the_page_cache(tmp_path, monkeypatch):
+    import replay.store.files as fw
+
+    real_write_all = fw._write_all
+
+    def refusing_write(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(fw, "_write_all", refusing_write)
+    writer = FileWriter()
+    buf = filled(3 * 4096 + 5, 1)
+    writer.write_buffer(str(tmp_path / "f"), buf, 3 * 4096 + 5)
+    assert (tmp_path / "f").read_bytes() == buf.mem[:3 * 4096 + 5] and writer.direct is False
+
+
+def test_background_files_are_written_in_order_and_buffers_come_back(tmp_path):
+    files = BackgroundFiles(FileWriter(), buffers=2, inline_below=5000)
+    expected = {}
+    for i, size in enumerate(SIZES * 3):
+        buf = files.buffer()          # waits while both buffers are being written
+        buf.ensure(size)
+        data = np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8).tobytes()
+        buf.mem[:size] = data
+        # The same name again and again: the last one written must win, as in order.
+        files.write(str(tmp_path / f"f{i % 4}"), buf, size)
+        expected[f"f{i % 4}"] = data
+    files.drain()
+    assert {name: (tmp_path / name).read_bytes() for name in expected} == expected
+    assert len(files._free) == 2 and files._busy == 0
+
+
+def test_a_failed_background_write_is_raised_and_nothing_after_it_is_written(tmp_path):
+    files = BackgroundFiles(FileWriter(), buffers=2, inline_below=0)
+    buf = files.buffer()
+    files.write(str(tmp_path / "missing" / "a"), buf, 10)       # no such directory
+    with pytest.raises(FileNotFoundError):      # whether "b" was queued before it failed or not
+        files.write(str(tmp_path / "b"), files.buffer(), 10)
+        files.drain()
+    with pytest.raises(FileNotFoundError):
+        files.drain()
+    with pytest.raises(FileNotFoundError):
+        files.buffer()
     assert os.listdir(tmp_path) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from tests.helpers_record import make_model, train
 from replay.store.codec import apply_delta, bits, encode_delta
 from replay.errors import RecorderError
 from replay.record.recorder import Recorder
-from replay.record.writer import encode
+from replay.record.encoder import encode
 from replay.store.trajectory import open_trajectory
 
 INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
@@ -181,3 +182,180 @@ def test_a_bad_commit_interval_is_a_one_line_error(tmp_path, bad):
     with pytest.raises(RecorderError, match="commit_interval must be a number of seconds"):
         Recorder(make_model(), tmp_path / "traj", commit_interval=bad)
     assert not (tmp_path / "traj").exists()
+
+
+def in_process_writer(root, thetas: list[dict[str, torch.Tensor]], state=None,
+                      inline_below=None, **overrides):
+    """The Writer that the writer process runs, in this process, over anonymous shared memory
+    holding one θ (and state) per slot; its header lists the tensors of ``thetas[0]``."""
+    import mmap
+
+    from replay.record.channel import _align, _groups
+    from replay.record.snapshot import FlatLayout
+    from replay.record.writer import CONTROL_BYTES, Writer
+    from replay.store.codec import DTYPE_NAMES
+    from replay.store.manifest import FORMAT_VERSION
+
+    state = state or [{} for _ in thetas]
+    params = FlatLayout([(n, tuple(t.shape), t.dtype) for n, t in thetas[0].items()])
+    states = FlatLayout([(n, tuple(t.shape), t.dtype) for n, t in state[0].items()])
+    groups_p, end = _groups(params, 0)
+    groups_s, end = _groups(states, end)
+    set_bytes = _align(end)
+    mem = mmap.mmap(-1, CONTROL_BYTES + len(thetas) * set_bytes)
+    for s, (theta, st) in enumerate(zip(thetas, state)):
+        for layout, groups, tensors in ((params, groups_p, theta), (states, groups_s, st)):
+            for (_, start, _, _), dtype in zip(groups, layout.groups):
+                flat = torch.cat([tensors[name].reshape(-1) for name in layout.groups[dtype]])
+                raw = flat.view(torch.uint8).numpy().tobytes()
+                at = CONTROL_BYTES + s * set_bytes + start
+                mem[at:at + len(raw)] = raw
+    for sub in ("keyframes", "deltas", "state"):
+        os.makedirs(os.path.join(root, sub))
+
+    def spec(tensors):
+        return [{"name": n, "shape": list(t.shape), "dtype": DTYPE_NAMES[t.dtype]}
+                for n, t in tensors.items()]
+
+    header = {"format_version": FORMAT_VERSION, "mode": "delta", "keyframe_every": 4,
+              "every": 1, "task": None, "task_args": {}, "params": spec(thetas[0]),
+              "aliases": {}, "state": [{**s, "kind": "buffer"} for s in spec(state[0])]}
+    cfg = {"root": str(root), "header": header, "mode": "delta", "keyframe_every": 4,
+           "commit_interval": 3600, "slots": len(thetas), "set_bytes": set_bytes,
+           "params": groups_p, "state": groups_s, **overrides}
+    writer = Writer(cfg, mem)
+    if inline_below is not None:
+        writer.out.inline_below = inline_below
+    return writer
+
+
+def step_message(t: int, slot: int) -> dict:
+    return {"op": "step", "slot": slot, "step": t, "loss": 0.5, "lr": None, "time": 0.0,
+            "interval": None}
+
+
+def training_thetas(steps: int, dtype=torch.float32) -> list[dict[str, torch.Tensor]]:
+    model = make_model(width=64, dtype=dtype, scale=1e-2)
+    snaps: dict = {}
+    train(model, steps, snapshots=snaps)
+    return [snaps[t] for t in range(steps + 1)]
+
+
+def test_files_written_by_the_background_thread_equal_those_written_at_once(tmp_path):
+    thetas = training_thetas(9)
+    big = {"running": torch.arange(100_000, dtype=torch.float32)}
+
+    def moved(t):          # one element past the first blocks of the comparison differs
+        out = big["running"].clone()
+        out[70_001] += t + 1
+        return {"running": out}
+
+    state = [moved(t) if t % 3 == 0 else big for t in range(10)]
+    for name, inline_below in (("inline", 1 << 40), ("thread", 0)):
+        writer = in_process_writer(tmp_path / name, thetas, state, inline_below=inline_below)
+        for t in range(10):
+            writer.record(step_message(t, t))
+        writer.commit()
+    a, b = open_trajectory(tmp_path / "inline"), open_trajectory(tmp_path / "thread")
+    assert a.steps == b.steps == list(range(10))
+    b.verify()
+    assert [f for f in a.files()] == [f for f in b.files()]
+    for _, _, rel in a.files():
+        assert (tmp_path / "inline" / rel).read_bytes() == (tmp_path / "thread" / rel).read_bytes()
+    # The state file of a step lists exactly the state that changed (compared block by block).
+    # (Keyframes at 0, 4, 8 hold all of it.)
+    assert [t for t, role, _ in b.files() if role == "state"] == [0, 1, 3, 4, 6, 7, 8, 9]
+    for t, params, st in b.walk():
+        assert all(torch.equal(params[n], thetas[t][n]) for n in params)
+        assert torch.equal(st["running"], state[t]["running"])
+
+
+def test_a_failed_background_write_stops_all_later_commits(tmp_path):
+    thetas = training_thetas(8)
+    writer = in_process_writer(tmp_path / "traj", thetas, inline_below=0)
+    for t in range(3):
+        writer.record(step_message(t, t))
+    writer.commit()
+    before = (tmp_path / "traj" / "manifest.json").read_bytes()
+    os.rename(tmp_path / "traj" / "deltas", tmp_path / "gone")    # the next delta cannot land
+    with pytest.raises(FileNotFoundError):
+        for t in range(3, 9):
+            writer.record(step_message(t, t))
+        writer.commit()
+    with pytest.raises(FileNotFoundError):      # and again: nothing after a failure commits
+        writer.commit()
+    assert (tmp_path / "traj" / "manifest.json").read_bytes() == before
+    assert open_trajectory(tmp_path / "traj").steps == [0, 1, 2]
+
+
+def test_format_2_stores_hashed_with_sha256_are_read_and_checked(tmp_path):
+    from replay.store.manifest import file_digest
+    from replay.errors import TrajectoryError
+
+    model = make_model(width=32, scale=1e-2)
+    snaps: dict = {}
+    with Recorder(model, tmp_path / "traj", keyframe_every=5) as rec:
+        train(model, 12, [rec], snapshots=snaps)
+    mpath = tmp_path / "traj" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["format_version"] = 2         # as lca-replay 0.2 wrote it: every file hashed with sha256
+    for entry in m["steps"]:
+        table = {}
+        for rel in entry["files"].values():
+            name, _ = file_digest(entry, rel)
+            del entry[name][rel]
+            table[rel] = hashlib.sha256((tmp_path / "traj" / rel).read_bytes()).hexdigest()
+        entry.pop("xxh3_128")
+        entry["sha256"] = table
+    mpath.write_text(json.dumps(m))
+    traj = open_trajectory(tmp_path / "traj")
+    assert traj.format_version == 2
+    traj.verify()
+    for t, params, _ in traj.walk():
+        assert all(torch.equal(params[n], snaps[t][n]) for n in params)
+    rel = "deltas/step-00000007.safetensors"
+    data = bytearray((tmp_path / "traj" / rel).read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "traj" / rel).write_bytes(bytes(data))
+    with pytest.raises(TrajectoryError, match=r"^deltas/step-00000007\.safetensors: sha256 \w+… "
+                                              r"does not match the manifest's \w+… \(corrupted\)"):
+        open_trajectory(tmp_path / "traj").params(8)
+
+
+def test_every_file_needs_exactly_one_hash(tmp_path):
+    from replay.errors import TrajectoryError
+
+    model = make_model()
+    with Recorder(model, tmp_path / "traj") as rec:
+        train(model, 2, [rec])
+    mpath = tmp_path / "traj" / "manifest.json"
+    good = json.loads(mpath.read_text())
+    rel = good["steps"][1]["files"]["delta"]
+    both = json.loads(json.dumps(good))
+    both["steps"][1]["sha256"] = {rel: "00"}
+    neither = json.loads(json.dumps(good))
+    del neither["steps"][1]["xxh3_128"][rel]
+    for m in (both, neither):
+        mpath.write_text(json.dumps(m))
+        with pytest.raises(TrajectoryError, match=r"step 1: bad delta entry 'deltas/step-00000001"
+                                                  r"\.safetensors' \(needs a relative path with "
+                                                  r"one hash \(sha256 or xxh3_128\)"):
+            open_trajectory(tmp_path / "traj")
+    del neither["steps"][1]["xxh3_128"]
+    mpath.write_text(json.dumps(neither))
+    with pytest.raises(TrajectoryError, match=r"step 1: files, sha256 or xxh3_128 and bytes must "
+                                              r"be objects"):
+        open_trajectory(tmp_path / "traj")
+
+
+def test_a_store_hashed_with_xxh3_needs_xxhash_to_be_read(tmp_path, monkeypatch):
+    from replay.errors import TrajectoryError
+
+    model = make_model()
+    with Recorder(model, tmp_path / "traj") as rec:
+        train(model, 2, [rec])
+    monkeypatch.setitem(sys.modules, "xxhash", None)       # as if it were not installed
+    with pytest.raises(TrajectoryError, match=r"^keyframes/step-00000000\.safetensors: the "
+                                              r"manifest checks this file with xxh3_128, which "
+                                              r"needs the xxhash package: pip install xxhash$"):
+        open_trajectory(tmp_path / "traj").params(0)

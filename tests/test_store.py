@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,10 +13,14 @@ from tests.helpers_record import make_model, train
 
 from replay.cli import main
 from replay.store.codec import DTYPE_NAMES, apply_delta, bits, encode_delta, header_metadata
-from replay.record.writer import to_safetensors
+from replay.record.encoder import to_safetensors
 from replay.errors import TrajectoryError
 from replay.record.recorder import Recorder
+from replay.store.files import default_digest, hexdigest
+from replay.store.manifest import file_digest
 from replay.store.trajectory import FORMAT_VERSION, open_trajectory
+
+DIGEST = default_digest()        # the hash the Recorder writes into the manifest
 
 
 def record(path, steps=40, model=None, **kw):
@@ -242,13 +245,13 @@ def test_verify_names_an_altered_file_and_lists_all_problems(store, tmp_path, ca
         open(target, "wb").write(bytes(data))
     assert main(["verify", path]) == 1
     out, err = capsys.readouterr()
-    assert err.startswith("lca verify: error: deltas/step-00000003.safetensors: sha256 ")
+    assert err.startswith(f"lca verify: error: deltas/step-00000003.safetensors: {DIGEST} ")
     assert "(corrupted)" in err and "1 more problem(s) listed above" in err
-    assert "also: keyframes/step-00000016.safetensors: sha256" in out
+    assert f"also: keyframes/step-00000016.safetensors: {DIGEST}" in out
 
 
 def test_verify_catches_a_delta_that_does_not_rebuild_the_keyframe(store, tmp_path, capsys):
-    # A consistent-looking file (sha256 updated) with wrong content: only the rebuild finds it.
+    # A consistent-looking file (hash updated) with wrong content: only the rebuild finds it.
     path = copy_store(store[0], tmp_path / "c")
     rel = "deltas/step-00000010.safetensors"
     tensors = safetensors.torch.load(open(os.path.join(path, rel), "rb").read())
@@ -257,7 +260,8 @@ def test_verify_catches_a_delta_that_does_not_rebuild_the_keyframe(store, tmp_pa
     open(os.path.join(path, rel), "wb").write(data)
     manifest = json.load(open(os.path.join(path, "manifest.json")))
     entry = manifest["steps"][10]
-    entry["sha256"][rel], entry["bytes"][rel] = hashlib.sha256(data).hexdigest(), len(data)
+    name, _ = file_digest(entry, rel)
+    entry[name][rel], entry["bytes"][rel] = hexdigest(name, data), len(data)
     json.dump(manifest, open(os.path.join(path, "manifest.json"), "w"))
     assert main(["verify", path]) == 1
     assert ("keyframes/step-00000016.safetensors: walking the deltas from keyframe 8 does not "
@@ -275,8 +279,8 @@ def test_missing_file_and_bad_manifests_are_one_line_errors(store, tmp_path):
     manifest = json.load(open(mpath))
     manifest["format_version"] = FORMAT_VERSION + 1
     json.dump(manifest, open(mpath, "w"))
-    with pytest.raises(TrajectoryError, match=r"manifest\.json: format_version 3 is not "
-                                              r"supported by lca-replay .* reads formats 1, 2"):
+    with pytest.raises(TrajectoryError, match=rf"manifest\.json: format_version {FORMAT_VERSION + 1} "
+                                              r"is not supported by lca-replay .* reads formats 1, 2, 3"):
         open_trajectory(path)
     open(mpath, "w").write('{"format_version": 1, "params": [')
     with pytest.raises(TrajectoryError, match=r"manifest\.json is not valid JSON \(.*line 1"):

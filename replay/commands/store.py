@@ -18,7 +18,7 @@ def register(subparsers) -> None:
 
     verify = subparsers.add_parser(
         "verify", help="check every file and bit-exact reconstruction of a trajectory store",
-        description="Checks each file's size and sha256 against manifest.json, decodes every "
+        description="Checks each file's size and hash against manifest.json, decodes every "
                     "file, and checks that walking the deltas rebuilds each keyframe bit for bit.")
     verify.add_argument("store", metavar="STORE", help="trajectory directory or fsspec URL")
     verify.set_defaults(func=cmd_verify)
@@ -105,6 +105,6 @@ def cmd_verify(args) -> int:
     from replay.store.verify import rebuilt_keyframes
 
     print(f"OK {traj.path}: {len(traj.steps)} steps, {len(traj.files())} files "
-          f"({traj.nbytes():,} bytes) match their sha256; {rebuilt_keyframes(traj)} of "
+          f"({traj.nbytes():,} bytes) match their hashes; {rebuilt_keyframes(traj)} of "
           f"{len(traj.keyframe_steps)} keyframes rebuilt bit for bit from deltas")
     return 0

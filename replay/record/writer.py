@@ -2,8 +2,8 @@
 
 A separate process, not a thread: the writer's few hundred Python-level calls per step would
 otherwise compete with the training loop for the GIL, which slows every training step even
-with a core to spare. The module imports numpy and the torch-free parts of the package only,
-so the process starts fast.
+with a core to spare. The module imports numpy, xxhash and the torch-free parts of the package
+only, so the process starts fast.
 
 Started by :class:`replay.record.channel.WriterProcess`, which calls :func:`main` and talks to
 it over pipes, one JSON object per line:
@@ -33,78 +33,12 @@ import time
 
 import numpy as np
 
-from replay.store.files import FileWriter
+from replay.record.encoder import CHUNK, NUMPY, DeltaEncoder, bits, tensor_file
+from replay.store.files import BackgroundFiles, FileWriter, default_digest, hexdigest
 from replay.store.manifest import MANIFEST, ManifestWriter, file_name
 
-# numpy storage for each store dtype (bfloat16 as its raw 16 bits) and the safetensors code.
-NUMPY = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32,
-         "float64": np.float64, "int8": np.int8, "int16": np.int16, "int32": np.int32,
-         "int64": np.int64, "uint8": np.uint8, "bool": np.bool_}
-ST_CODE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",
-           "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64", "uint8": "U8",
-           "bool": "BOOL"}
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 CONTROL_BYTES = 64
 FREED, COMPLETE, FAILED = 0, 1, 2      # int64 fields of the control block
-
-
-def bits(a: np.ndarray) -> np.ndarray:
-    return a.view(_UINT[a.dtype.itemsize])
-
-
-@np.errstate(all="ignore")      # Inf − Inf and friends are expected: they become corrections
-def encode(prev: np.ndarray, nxt: np.ndarray, dtype: str) -> tuple:
-    """(Δ, fix_idx, fix_val) of one flat group, exactly as :func:`replay.store.codec.encode_delta`
-    defines them: Δ = fl(θ_next − θ_t) in float32 (float64 for float64), and the elements where
-    the reader's ``(θ_t + Δ)`` cast back to the parameter dtype would not give θ_next's bits.
-
-    Elements whose reconstruction is NaN are always listed: IEEE leaves the payload of a NaN
-    result to the implementation, and the reader (torch) may vectorise differently.
-    """
-    if dtype in ("float32", "float64"):
-        delta = nxt - prev
-        recon = prev + delta
-        wrong = bits(recon) != bits(nxt)
-    else:
-        start, target = _widen(prev, dtype), _widen(nxt, dtype)
-        delta = target - start
-        wide = start + delta
-        recon = _narrow(wide, dtype)
-        wrong = recon != bits(nxt)
-        recon = wide
-    wrong |= np.isnan(recon)
-    idx = np.flatnonzero(wrong)
-    return delta, idx.astype(np.int64), nxt[idx]
-
-
-def _widen(a: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":       # the upper half of a float32: exact
-        return (a.astype(np.uint32) << np.uint32(16)).view(np.float32)
-    return a.astype(np.float32)
-
-
-def _narrow(a: np.ndarray, dtype: str) -> np.ndarray:
-    """Raw bits of float32 ``a`` rounded to ``dtype`` (nearest, ties to even, as torch does)."""
-    if dtype == "bfloat16":
-        u = a.view(np.uint32)
-        return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
-                >> np.uint32(16)).astype(np.uint16)
-    return a.astype(np.float16).view(np.uint16)
-
-
-def to_safetensors(arrays: dict[str, tuple[np.ndarray, str, list]], metadata: dict) -> list:
-    """The safetensors file as byte chunks: ``arrays`` maps name -> (data, dtype name, shape)."""
-    header: dict = {"__metadata__": metadata}
-    parts, offset = [], 0
-    for name, (a, dtype, shape) in arrays.items():
-        header[name] = {"dtype": ST_CODE[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        if a.nbytes:
-            parts.append(memoryview(np.ascontiguousarray(a)).cast("B"))
-        offset += a.nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return [len(head).to_bytes(8, "little") + head, *parts]
 
 
 class Layout:
@@ -128,12 +62,19 @@ class Layout:
         return out
 
     def changed(self, old: int, new: int) -> set:
+        """Names of the tensors whose bits differ between two slots (compared block by block:
+        no temporaries the size of the state, which may hold a whole frozen model)."""
         hit = set()
-        for dtype, _, _, members in self.groups:
-            where = np.flatnonzero(bits(self.flats[old][dtype]) != bits(self.flats[new][dtype]))
-            if where.size:
-                which = np.searchsorted(self._starts[dtype], where, "right") - 1
-                hit.update(members[i][0] for i in np.unique(which))
+        mask = np.empty(CHUNK, np.bool_)
+        for dtype, _, n, members in self.groups:
+            a_flat, b_flat = bits(self.flats[old][dtype]), bits(self.flats[new][dtype])
+            for a in range(0, n, CHUNK):
+                m = mask[:min(CHUNK, n - a)]
+                np.not_equal(a_flat[a:a + m.size], b_flat[a:a + m.size], out=m)
+                if m.any():
+                    where = np.flatnonzero(m) + a
+                    which = np.searchsorted(self._starts[dtype], where, "right") - 1
+                    hit.update(members[i][0] for i in np.unique(which))
         return hit
 
 
@@ -146,6 +87,11 @@ class Writer:
     training pauses. Replacing the manifest after every step instead cost more than everything
     else the writer does once a run is long: the manifest grows by a few hundred bytes per
     step, and writing a new file means fresh page-cache pages, kernel time that grows with it.
+
+    Each file is assembled in a page-aligned buffer (a delta encoded in place, see
+    :class:`~replay.record.encoder.DeltaEncoder`), hashed, and handed to a background thread
+    that writes it with one aligned write while the next one is encoded: for a large model the
+    device then works while the CPU does. A commit first waits for those writes.
     """
 
     # A long run's manifest may take at most this share of the writer's time, whatever the
@@ -165,17 +111,30 @@ class Writer:
         self.folders: set[str] = set()        # written into since the last commit
         self.manifest_time, self.manifest_cost = -float("inf"), 0.0
         self.files = FileWriter()
+        self.out = BackgroundFiles(self.files)
+        self.digest = default_digest()
+        self.deltas = DeltaEncoder([(g[0], g[2]) for g in cfg["params"]], ("step", "next"))
 
-    def write(self, role: str, step: int, arrays: dict, entry: dict, **meta) -> None:
+    def emit(self, role: str, step: int, buf, length: int, entry: dict) -> None:
+        """Hash the file assembled in ``buf`` and queue it; list it in ``entry``."""
         rel = file_name(role, step)
-        chunks = to_safetensors(arrays, {"format": "lca-replay-2", "step": str(step),
-                                         **{k: str(v) for k, v in meta.items()}})
-        # The file is fsynced now, its directory entry at the next commit.
-        digest, size = self.files.write(os.path.join(self.root, rel), chunks)
+        view = memoryview(buf.mem)[:length]
+        try:
+            digest = hexdigest(self.digest, view)
+        finally:
+            view.release()
+        # The file is fsynced before the next commit, its directory entry at that commit.
+        self.out.write(os.path.join(self.root, rel), buf, length)
         self.folders.add(os.path.dirname(rel))
         entry["files"][role] = rel
-        entry["sha256"][rel] = digest
-        entry["bytes"][rel] = size
+        entry.setdefault(self.digest, {})[rel] = digest
+        entry["bytes"][rel] = length
+
+    def write(self, role: str, step: int, arrays: dict, entry: dict, **meta) -> None:
+        buf = self.out.buffer()
+        length = tensor_file(buf, arrays, {"format": "lca-replay-2", "step": str(step),
+                                           **{k: str(v) for k, v in meta.items()}})
+        self.emit(role, step, buf, length, entry)
 
     def record(self, msg: dict) -> None:
         t, slot, prev = msg["step"], msg["slot"], self.prev
@@ -184,18 +143,13 @@ class Writer:
         if prev is not None and self.mode == "delta":
             # Also written when t gets a keyframe: `lca verify` then checks that the deltas
             # rebuild each keyframe bit for bit (costs 1/keyframe_every of the store).
-            arrays = {}
-            for dtype, _, n, _ in self.params.groups:
-                delta, idx, val = encode(self.params.flats[prev["slot"]][dtype],
-                                         self.params.flats[slot][dtype], dtype)
-                wide = "float64" if dtype == "float64" else "float32"
-                arrays[f"delta.{dtype}"] = (delta, wide, [n])
-                if idx.size:
-                    arrays[f"fix_idx.{dtype}"] = (idx, "int64", [idx.size])
-                    arrays[f"fix_val.{dtype}"] = (val, dtype, [idx.size])
-            self.write("delta", prev["step"], arrays, self.manifest.last, next=t)
+            buf = self.out.buffer()
+            length = self.deltas.fill(buf, self.params.flats[prev["slot"]],
+                                      self.params.flats[slot],
+                                      {"step": str(prev["step"]), "next": str(t)})
+            self.emit("delta", prev["step"], buf, length, self.manifest.last)
             self.manifest.refresh_last()
-        entry = {"step": t, "files": {}, "sha256": {}, "bytes": {}}
+        entry = {"step": t, "files": {}, self.digest: {}, "bytes": {}}
         if keyframe:
             self.write("keyframe", t, self.params.tensors(slot), entry)
             state = self.state.tensors(slot)
@@ -231,6 +185,7 @@ class Writer:
         if self.unwritten is None:
             return
         start = time.monotonic()
+        self.out.drain()       # a failed write raises here: nothing after it gets committed
         for folder in sorted(self.folders):
             fd = os.open(os.path.join(self.root, folder), os.O_RDONLY)
             try:
@@ -240,7 +195,7 @@ class Writer:
         self.folders.clear()
         # No directory fsync for the manifest itself: if a power loss undoes this rename, the
         # previous manifest is still whole and consistent, only the newest steps are lost.
-        self.files.write(os.path.join(self.root, MANIFEST), self.manifest.chunks())
+        self.files.write(os.path.join(self.root, MANIFEST), self.manifest.chunks(), digest=None)
         self.control[COMPLETE] = self.unwritten + 1
         self.unwritten = None
         self.manifest_time = time.monotonic()

@@ -1,4 +1,4 @@
-"""manifest.json of a trajectory store (formats 1 and 2): layout, validation, atomic writes, file access.
+"""manifest.json of a trajectory store (formats 1 to 3): layout, validation, atomic writes, file access.
 
 The manifest is the table of contents: a file that it does not list does not exist for a
 reader, which is what makes crash-safety simple (data files are written and synced first, the
@@ -11,7 +11,7 @@ manifest is replaced atomically after each completed step). Layout::
      "aliases": {alias: canonical},                          # tied parameters
      "state": [{"name", "shape", "dtype", "kind": "frozen" | "buffer"}, ...],
      "steps": [{"step", "files": {"keyframe"|"delta"|"state": relpath},
-                "sha256": {relpath: hex}, "bytes": {relpath: int},
+                "xxh3_128" | "sha256": {relpath: hex}, "bytes": {relpath: int},
                 "loss": float | null, "lr": [float, ...] | null, "time": unix seconds,
                 "interval_losses": [...],  # only with every > 1: losses of steps (prev, step]
                 "skipped": true,           # only if the optimizer skipped the update into step
@@ -21,7 +21,10 @@ manifest is replaced atomically after each completed step). Layout::
 A skipped update (an AMP step that the gradient scaler skipped on overflow) is still a step:
 θ_step equals θ_{step-1}, so its Δ is 0.
 
-``files["delta"]`` of step t is Δ from t to the next recorded step (named by t).
+``files["delta"]`` of step t is Δ from t to the next recorded step (named by t). Each file's
+hash sits in the table of its algorithm (:data:`replay.store.files.DIGESTS`): formats 1 and 2
+hash every file with sha256, format 3 names the algorithm per file (the Recorder uses
+xxh3_128 where the xxhash package is installed) and is otherwise format 2.
 """
 
 from __future__ import annotations
@@ -31,15 +34,16 @@ import os
 import posixpath
 
 from replay.errors import TrajectoryError
-from replay.store.files import FileWriter
+from replay.store.files import DIGESTS, FileWriter, hexdigest
 
 # Dtype names a store may hold (torch-free here: the recorder's writer process reads this module).
 PARAM_DTYPES = ("float16", "bfloat16", "float32", "float64")
 STATE_DTYPES = PARAM_DTYPES + ("int8", "int16", "int32", "int64", "uint8", "bool")
 
-FORMAT_VERSION = 2
-# Format 1 differs only in its delta files (one Δ tensor per parameter); it is still read.
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+# Format 1 differs from 2 in its delta files (one Δ tensor per parameter), 2 from 3 in hashing
+# every file with sha256; both are still read.
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 FILE_ROLES = ("keyframe", "delta", "state")
 _DIRS = {"keyframe": "keyframes", "delta": "deltas", "state": "state"}
@@ -148,16 +152,19 @@ def validate(m: object, where: str) -> None:
         ok = isinstance(e, dict) and isinstance(e.get("step"), int) and e["step"] > last
         _need(ok, where, f"steps[{i}] needs an integer step greater than the previous one")
         prev, last = last, e["step"]
-        files, sha, size = e.get("files"), e.get("sha256"), e.get("bytes")
-        _need(isinstance(files, dict) and isinstance(sha, dict) and isinstance(size, dict),
-              where, f"step {last}: files, sha256 and bytes must be objects")
+        files, size = e.get("files"), e.get("bytes")
+        tables = [e[name] for name in DIGESTS if name in e]
+        _need(isinstance(files, dict) and isinstance(size, dict) and tables
+              and all(isinstance(t, dict) for t in tables),
+              where, f"step {last}: files, {' or '.join(DIGESTS)} and bytes must be objects")
         for role, rel in files.items():
             _need(role in FILE_ROLES, where, f"step {last}: unknown file role {role!r}")
             # Relative paths inside the store only: a manifest must not point readers elsewhere.
             ok = (isinstance(rel, str) and not rel.startswith("/") and ".." not in rel.split("/")
-                  and isinstance(sha.get(rel), str) and isinstance(size.get(rel), int))
+                  and sum(isinstance(t.get(rel), str) for t in tables) == 1
+                  and isinstance(size.get(rel), int))
             _need(ok, where, f"step {last}: bad {role} entry {rel!r} (needs a relative path "
-                             "with a sha256 and a byte count)")
+                             f"with one hash ({' or '.join(DIGESTS)}) and a byte count)")
         _need(i > 0 or "keyframe" in files, where, "the first recorded step has no keyframe")
         _need(isinstance(e.get("skipped", False), bool), where,
               f"step {last}: skipped must be true or false")
@@ -166,6 +173,28 @@ def validate(m: object, where: str) -> None:
             isinstance(t, int) and not isinstance(t, bool) and prev < t <= last for t in gaps)
               and gaps == sorted(set(gaps)), where,
               f"step {last}: interval_skipped must list ascending steps after {prev} up to {last}")
+
+
+def file_digest(entry: dict, rel: str) -> tuple[str, str]:
+    """(algorithm, hex digest) that a validated step entry records for its file ``rel``."""
+    for name in DIGESTS:
+        if rel in entry.get(name, ()):
+            return name, entry[name][rel]
+    raise KeyError(rel)
+
+
+def digest_problem(entry: dict, rel: str, data: bytes) -> str | None:
+    """What is wrong with the bytes ``data`` of file ``rel`` against the hash its step
+    ``entry`` records ("sha256 1a2b… does not match the manifest's 3c4d… (corrupted)"), or None."""
+    name, expected = file_digest(entry, rel)
+    try:
+        digest = hexdigest(name, data)
+    except ImportError:
+        raise TrajectoryError(f"{rel}: the manifest checks this file with {name}, which needs "
+                              f"the xxhash package: pip install xxhash") from None
+    if digest == expected:
+        return None
+    return f"{name} {digest[:12]}… does not match the manifest's {expected[:12]}… (corrupted)"
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -177,7 +206,7 @@ def write_atomic(directory: str, rel: str, data: bytes | list) -> None:
     for the manifest, a power loss that undoes the rename leaves the previous one, whole.
     """
     FileWriter(direct=False).write(os.path.join(directory, rel),
-                                   data if isinstance(data, list) else [data])
+                                   data if isinstance(data, list) else [data], digest=None)
 
 
 class ManifestWriter:

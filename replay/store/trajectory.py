@@ -21,9 +21,10 @@ from replay.store.codec import (
     PARAM_DTYPES, STATE_DTYPES, apply_delta, check_delta_payload, check_tensors, header_metadata,
 )
 from replay.errors import TrajectoryError
-from replay.store.manifest import FORMAT_VERSION, MANIFEST, Source, read_manifest
-from replay.store.rebuild import RebuildPlan
 from replay.store.flat_layout import FlatLayout
+from replay.store.manifest import (FORMAT_VERSION, MANIFEST, Source, digest_problem,
+                                   read_manifest)
+from replay.store.rebuild import RebuildPlan
 
 __all__ = ["FORMAT_VERSION", "Trajectory", "open_trajectory"]
 
@@ -135,7 +136,7 @@ class Trajectory:
         return f"re-record or restore the file; `lca verify {self.path}` lists all problems"
 
     def read_file(self, step: int, role: str) -> bytes:
-        """Bytes of a listed data file, checked against the manifest's size and sha256."""
+        """Bytes of a listed data file, checked against the manifest's size and hash."""
         entry = self._entries[step]
         rel = entry["files"][role]
         try:
@@ -147,10 +148,9 @@ class Trajectory:
         if len(data) != entry["bytes"][rel]:
             raise TrajectoryError(f"{rel}: {len(data)} bytes, manifest says "
                                   f"{entry['bytes'][rel]} (truncated or replaced); {self._fix}")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry["sha256"][rel]:
-            raise TrajectoryError(f"{rel}: sha256 {digest[:12]}… does not match the manifest's "
-                                  f"{entry['sha256'][rel][:12]}… (corrupted); {self._fix}")
+        problem = digest_problem(entry, rel, data)      # with the hash the manifest names
+        if problem is not None:
+            raise TrajectoryError(f"{rel}: {problem}; {self._fix}")
         return data
 
     def load(self, step: int, role: str) -> Tensors:

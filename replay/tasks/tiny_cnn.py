@@ -1,5 +1,6 @@
 """A tiny convolutional classifier (torchvision-style ``features`` / ``classifier``) on synthetic
-images, for tests, examples and the report's layer-stack figures.
+images, for tests, examples, the report's layer-stack figures and the benchmarks of fast
+models (a whole-split gradient evaluation takes milliseconds).
 
 Each class is a fixed random 1 × size × size template, smoothed so that convolutions have
 structure to find; items are the template plus Gaussian noise, deterministic from ``seed``.
@@ -31,7 +32,10 @@ class ConvNet(nn.Module):
 
 
 class TinyCNN:
-    """``TinyCNN(seed=0, size=8, channels=(4, 8), classes=3, train_size=96, test_size=32)``."""
+    """``TinyCNN(seed=0, size=8, channels=(4, 8), classes=3, train_size=96, test_size=32)``.
+
+    ``channels``: the two convolutions' widths, or one width c for (c, 2c).
+    """
 
     eval_batch_size = 64
 
@@ -40,6 +44,8 @@ class TinyCNN:
         if size % 4:
             raise TaskError(f"TinyCNN: size must be a multiple of 4 (two 2x2 poolings), got {size}")
         self.seed, self.size, self.classes = seed, size, classes
+        if isinstance(channels, int):
+            channels = (channels, 2 * channels)
         self.channels = (int(channels[0]), int(channels[1]))
         g = torch.Generator().manual_seed(seed)
         raw = torch.randn(classes, 1, size, size, generator=g)

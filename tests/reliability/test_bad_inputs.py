@@ -12,12 +12,15 @@ import pytest
 import xarray as xr
 
 import replay
+from replay.store.files import default_digest
+from replay.store.manifest import FORMAT_VERSION, file_digest
 from tests.reliability.helpers import (
     ARGS, COMMON, TASK, assert_same_cube, copy_store, lca, manifest, one_line_error, record,
     record_poisoned, task_flags, tree, write_manifest,
 )
 
 CHUNK = ["--chunk-size", "4"]
+DIGEST = default_digest()        # the hash the Recorder writes into the manifest
 
 
 @pytest.fixture(scope="module")
@@ -78,21 +81,21 @@ def test_missing_keyframe_or_delta(store, tmp_path, capsys, role):
 
 
 def test_bit_flip_in_the_first_file(store, tmp_path, capsys):
-    # Same size, other bytes: found by the sha256 check when the replay reads the file. The
+    # Same size, other bytes: found by the hash check when the replay reads the file. The
     # cube this run had just created holds nothing yet, so it is removed again.
     flip_byte(os.path.join(store, "keyframes", "step-00000000.safetensors"))
     msg = refused(capsys, tmp_path, store, *task_flags(), "--cube", tmp_path / "c.zarr", *COMMON)
-    assert re.search(r"keyframes/step-00000000\.safetensors: sha256 \w+… does not match the "
+    assert re.search(rf"keyframes/step-00000000\.safetensors: {DIGEST} \w+… does not match the "
                      r"manifest's \w+… \(corrupted\); re-record or restore the file", msg), msg
 
 
 def test_manifest_with_a_wrong_hash(store, tmp_path, capsys):
     m = manifest(store)
     rel = m["steps"][0]["files"]["keyframe"]
-    m["steps"][0]["sha256"][rel] = "0" * 64
+    m["steps"][0][file_digest(m["steps"][0], rel)[0]][rel] = "0" * 64
     write_manifest(store, m)
     msg = refused(capsys, tmp_path, store, *task_flags(), "--cube", tmp_path / "c.zarr", *COMMON)
-    assert "keyframes/step-00000000.safetensors: sha256 " in msg
+    assert f"keyframes/step-00000000.safetensors: {DIGEST} " in msg
     assert "does not match the manifest's 000000000000… (corrupted)" in msg
 
 
@@ -107,7 +110,7 @@ def test_bit_flip_later_keeps_the_steps_done_and_resumes(clean, store, tmp_path,
     argv = ["replay", store, *task_flags(), "--cube", cube, *COMMON, *CHUNK]
     code, _, err = lca(capsys, *argv)
     assert code == 1
-    assert "deltas/step-00000006.safetensors: sha256 " in one_line_error(err)
+    assert f"deltas/step-00000006.safetensors: {DIGEST} " in one_line_error(err)
     done = xr.open_zarr(cube)["done"].values
     assert done.tolist() == [True] * 4 + [False] * 8
     ref = xr.open_zarr(clean[1])
@@ -122,9 +125,9 @@ def test_bit_flip_later_keeps_the_steps_done_and_resumes(clean, store, tmp_path,
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (lambda m: m.update(format_version=3),
-     r"manifest\.json: format_version 3 is not supported by lca-replay \S+ \(it reads formats "
-     r"1, 2\); use the lca-replay version that recorded it$"),
+    (lambda m: m.update(format_version=FORMAT_VERSION + 1),
+     rf"manifest\.json: format_version {FORMAT_VERSION + 1} is not supported by lca-replay \S+ "
+     r"\(it reads formats 1, 2, 3\); use the lca-replay version that recorded it$"),
     (lambda m: m["params"][0].update(shape="x"),
      r"manifest\.json: params\[0\] needs a name, a shape and one of the dtypes"),
     (lambda m: m.pop("steps"), r"manifest\.json: missing key 'steps'"),

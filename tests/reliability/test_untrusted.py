@@ -138,7 +138,7 @@ def test_the_task_named_in_a_manifest_needs_consent(evil, tmp_path, capsys):
 
 def test_a_safetensors_header_is_only_parsed(tmp_path, capsys):
     """A data file whose JSON header is hostile (huge length, deep nesting) fails to load
-    with the file named, after its sha256 was checked — nothing in it is evaluated."""
+    with the file named, after its hash was checked — nothing in it is evaluated."""
     from tests.test_engine import record
 
     store = record(str(tmp_path / "traj"), steps=3)
@@ -147,13 +147,16 @@ def test_a_safetensors_header_is_only_parsed(tmp_path, capsys):
     with open(path, "wb") as f:
         f.write(hostile)
     # Re-hash in the manifest: the attacker controls the whole store.
-    import hashlib
     import json
+
+    from replay.store.files import hexdigest
+    from replay.store.manifest import file_digest
 
     mpath = os.path.join(store, "manifest.json")
     m = json.load(open(mpath))
     rel = "keyframes/step-00000000.safetensors"
-    m["steps"][0]["sha256"][rel] = hashlib.sha256(hostile).hexdigest()
+    name, _ = file_digest(m["steps"][0], rel)
+    m["steps"][0][name][rel] = hexdigest(name, hostile)
     m["steps"][0]["bytes"][rel] = len(hostile)
     json.dump(m, open(mpath, "w"))
     code, _, err = lca(capsys, "replay", store, "--task", "replay.tasks.tiny_mlp:TinyMLP",

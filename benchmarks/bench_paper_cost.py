@@ -1,0 +1,136 @@
+"""Benchmark: the paper's replay at the paper's cost — sampled first-order LCA vs training.
+
+Zhu et al. report that their approximation "only doubled" training time. Here a replay with
+one fresh mini-batch per update and first-order LCA — ``gradient=replay.Sampled(batches=1,
+batch_size=B)``, ``quadrature="first-order"``, dataset train, ``groups="tensor"``, sync, 1
+torch thread: per step one forward and backward at θ_t plus the forward for ``loss_next`` — is
+timed against a training step of the same model at the same batch size and thread count
+(forward, backward, Adam step), both in this warm process, their repeats interleaved. Two
+models: the demo ToyNMT (``configs/demo.yaml``, a training step of ≥ 15 ms; target ≤ 1.4
+training steps per replayed step) and ``TinyCNN`` (~3 ms; target ≤ 1.5). Usage::
+
+    python benchmarks/bench_paper_cost.py [--demo-steps 40] [--cnn-steps 200] [--batch-size 32]
+                                          [--repeats 3] [--work DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+
+import torch
+
+import common
+from bench_fast import TASK as CNN
+from bench_fast import record_cnn
+
+CNN_ARGS = {"seed": 0, "size": 8, "channels": 8, "classes": 10, "train_size": 256,
+            "test_size": 64}
+
+
+class Training:
+    """Adam steps of a task's model on its training batches, at 1 torch thread."""
+
+    def __init__(self, task, batch_size: int, lr: float):
+        from replay.commands.train import training_batches
+
+        self.task, self.model = task, task.build_model()
+        self.model.train()
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=lr)
+        self.batches = training_batches(task, batch_size, seed=0)
+
+    def steps(self, n: int) -> None:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for _ in range(n):
+                loss_sum, count = self.task.loss(self.model, next(self.batches))
+                self.opt.zero_grad(set_to_none=True)
+                (loss_sum / count).backward()
+                self.opt.step()
+        finally:
+            torch.set_num_threads(saved)
+
+
+def compare(label: str, store: str, task_ref: str, task_args: dict, steps: int,
+            batch_size: int, lr: float, repeats: int, work: str, target: float) -> dict:
+    import replay
+    from replay.task import load_task
+
+    out = os.path.join(work, "paper-cost.zarr")
+    sample = replay.Sampled(batches=1, batch_size=batch_size, seed=0)
+
+    short = max(1, steps // 4)
+
+    def replay_once(n=steps):
+        shutil.rmtree(out, ignore_errors=True)
+        replay.run(store, task=task_ref, task_args=task_args, datasets=["train"],
+                   gradient=sample, quadrature="first-order", scheduler="sync", threads=1,
+                   groups="tensor", out=out, progress=False, steps=f"0:{n}")
+
+    training = Training(load_task(task_ref, task_args), batch_size, lr)
+    block = max(steps, 20)
+    times = common.interleave({"replay": replay_once, "short": lambda: replay_once(short),
+                               "train": lambda: training.steps(block)},
+                              repeats, warmup={"replay": replay_once,
+                                               "train": lambda: training.steps(10)})
+    per_replay = common.median(times["replay"]) / steps
+    per_train = common.median(times["train"]) / block
+    ratio = per_replay / per_train
+    # The cost of one more step, without the run's fixed costs (planning, the cube, final sums)
+    marginal = (common.median(times["replay"]) - common.median(times["short"])) / (steps - short)
+    common.log(f"{label}: batch {batch_size}, 1 thread, {steps} replayed steps, {block} "
+               f"training steps per block, median of {repeats} interleaved runs")
+    common.log(f"  replay (Sampled(1, {batch_size}), first-order, end to end)  "
+               f"{per_replay * 1e3:7.2f} ms per step (runs "
+               f"{', '.join(f'{t / steps * 1e3:.2f}' for t in times['replay'])})")
+    common.log(f"  training step (forward, backward, Adam)              {per_train * 1e3:7.2f} "
+               f"ms (runs {', '.join(f'{t / block * 1e3:.2f}' for t in times['train'])})")
+    common.log(f"  replay of {short} steps {common.median(times['short']):.2f} s: one more "
+               f"step costs {marginal * 1e3:.2f} ms, {marginal / per_train:.2f} training steps; "
+               f"fixed cost per run {common.median(times['replay']) - steps * marginal:.2f} s")
+    common.log(f"  replayed step / training step = {ratio:.2f} (target <= {target})")
+    return [common.row(f"sampled first-order replay / training step, {label}", ratio,
+                       f"<= {target}", ratio <= target,
+                       f"{per_replay * 1e3:.1f} ms vs {per_train * 1e3:.1f} ms per step, "
+                       f"{steps} steps end to end, batch {batch_size}, 1 thread", fmt="{:.2f}"),
+            common.row(f"  the same, one more step (no fixed costs), {label}",
+                       marginal / per_train, "report", None,
+                       f"{marginal * 1e3:.1f} ms per step: replays of {steps} and {short} steps",
+                       fmt="{:.2f}")]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--demo-steps", type=int, default=40, help="demo steps replayed (40)")
+    p.add_argument("--cnn-steps", type=int, default=200, help="TinyCNN steps replayed (200)")
+    p.add_argument("--batch-size", type=int, default=32, help="training and sample batch (32)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (3)")
+    p.add_argument("--work", default=None, help="directory for trajectories (reused) and cubes")
+    p.add_argument("--quick", action="store_true", help="20 / 60 steps, 1 repeat")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.demo_steps, args.cnn_steps, args.repeats = 20, 60, 1
+    owned = args.work is None
+    work = args.work or tempfile.mkdtemp(prefix="bench-paper-")
+    cfg = common.demo_config(args.demo_steps)
+    rows = []
+    try:
+        demo = common.record_demo(os.path.join(work, f"demo-{args.demo_steps}"), args.demo_steps)
+        rows += (compare("demo ToyNMT", demo, cfg.task.ref, cfg.task.args, args.demo_steps,
+                            args.batch_size, cfg.train.lr, args.repeats, work, 1.4))
+        cnn = record_cnn(os.path.join(work, f"cnn-256-{args.cnn_steps}"), args.cnn_steps,
+                         CNN_ARGS, args.batch_size)
+        rows += (compare("TinyCNN", cnn, CNN, CNN_ARGS, args.cnn_steps, args.batch_size,
+                            1e-3, args.repeats, work, 1.5))
+    finally:
+        if owned:
+            shutil.rmtree(work, ignore_errors=True)
+    common.emit("paper-cost", rows)
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()
