@@ -43,6 +43,7 @@ def test_a_replay_of_it_telescopes(tmp_path):
             opt.zero_grad()
             rec.step(loss=float(loss.detach()) / n)
     cube = replay.run(str(tmp_path / "traj"), task=TASK, task_args=ARGS, datasets=["test"],
+                      groups="tensor",
                       quadrature="adaptive", tolerance=1e-7, precision="float64",
                       out=str(tmp_path / "c.zarr"), scheduler="sync", progress=False)
     change = cube["loss_next"].values - cube["loss"].values
