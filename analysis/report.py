@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,11 +111,13 @@ def _render(spec: FigureSpec, cube, reference, path: Path) -> None:
 
 
 def write_report(cube: xr.Dataset, out: str | os.PathLike, reference: xr.Dataset | None = None,
-                 *, cube_path: str | None = None, reference_path: str | None = None) -> Path:
+                 *, cube_path: str | None = None, reference_path: str | None = None,
+                 extra_tables: Sequence[tuple[str, Table]] = ()) -> Path:
     """Write figures, ``index.html`` and ``summary.md`` for ``cube`` into folder ``out``.
 
     ``reference`` (e.g. the exact replay of the same run) adds the comparison table and the
-    occupation figure. Returns the path of ``index.html``.
+    occupation figure. ``extra_tables``: (title, (headers, rows)) pairs rendered after the
+    other tables (e.g. ``lca paper``'s findings). Returns the path of ``index.html``.
     """
     out = Path(out)
     previous = _owned_files(out)  # refuse before computing or writing anything
@@ -165,7 +167,7 @@ def write_report(cube: xr.Dataset, out: str | os.PathLike, reference: xr.Dataset
                    (f"Top contributing groups ({main_grouping(cube)} grouping)",
                     top_groups_table(cube, main_grouping(cube)))]
                   + ([("Comparison with the reference", comparison_table(cmp))]
-                     if cmp is not None else []),
+                     if cmp is not None else []) + list(extra_tables),
         "figures": plan,
         "omitted": omitted,
     }
