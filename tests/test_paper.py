@@ -72,7 +72,8 @@ def test_lca_paper_end_to_end_and_resumed(tmp_path):
     again = json.loads((out / "findings.json").read_text())
     assert again == findings
     stages = json.loads((out / "stages.json").read_text())["stages"]
-    assert stages["train"]["reused"] and stages["bleu"]["reused"]
+    assert all(stages[k]["reused"] for k in ("corpus_tokenizer", "train", "bleu", "paper_replay",
+                                             "simulation_alongside"))
 
     changed = {**TINY, "train": {**TINY["train"], "lr": 1e-3}}
     changed["task"] = {**TINY["task"], "args": {**TINY["task"]["args"], "dropout": 0.0}}

@@ -29,7 +29,8 @@ Transformer in the shape of fairseq's ``transformer_iwslt_de_en``
   the model (defaults: fairseq's ``transformer_iwslt_de_en``, post-norm, dropout 0.1, nothing
   shared).
 - ``label_smoothing``: ε of fairseq's label-smoothed cross-entropy, in train mode only.
-- ``eval_batch_size``: sentences per batch when a whole split is evaluated.
+- ``eval_batch_size``: sentences per batch when a replay evaluates a split or a sample (pairs
+  sorted by length first, so small batches waste little padding).
 
 **What is replayed**: :meth:`CatalogNMT.loss` in eval mode — the summed token cross-entropy
 (nats, no label smoothing, no dropout) over the non-pad target tokens. Training in train mode
@@ -81,7 +82,7 @@ class CatalogNMT:
                  encoder_layers: int = 6, decoder_layers: int = 6,
                  normalize_before: bool = False, dropout: float = 0.1,
                  label_smoothing: float = 0.0, share_decoder_embeddings: bool = False,
-                 share_all_embeddings: bool = False, eval_batch_size: int = 256):
+                 share_all_embeddings: bool = False, eval_batch_size: int = 32):
         self._args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         _check(self._args)
         self.language, self.direction = language, direction
@@ -212,17 +213,18 @@ class CatalogNMT:
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
 
-    def translate(self, model: nn.Module, split: str = "test",
-                  limit: int | None = None) -> list[str]:
-        """Greedy translations of the sources of ``split`` (the first ``limit``), in order; at
-        most 1.2 × source length + 10 tokens each (fairseq's default bound)."""
+    def translate(self, model: nn.Module, split: str = "test", limit: int | None = None,
+                  batch_size: int = 128) -> list[str]:
+        """Greedy translations of the sources of ``split`` (the first ``limit``), in order, in
+        batches of similar length; at most 1.2 × source length + 10 tokens each (fairseq's
+        default bound)."""
         items = self._items[split][:limit]
         was = model.training
         model.eval()
         out: list[str] = [""] * len(items)
         order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
-        for k in range(0, len(order), self.eval_batch_size):
-            idx = order[k:k + self.eval_batch_size]
+        for k in range(0, len(order), batch_size):
+            idx = order[k:k + batch_size]
             batch = self.collate([items[i] for i in idx])
             max_len = torch.tensor([int(1.2 * len(items[i][0])) + 10 for i in idx])
             ids = model.greedy(batch["src"], BOS, EOS, max_len)
