@@ -61,6 +61,7 @@ def modules(cube: xr.Dataset, dataset: str) -> dict[str, float]:
 
 def layers(values: dict[str, float], side: str) -> list[tuple[int, float]]:
     """[(layer number, value)] of ``side`` ("en" or "de"), bottom layer first."""
+    # e.g. {"en_1": a, "en_2": b, "de_1": c}, "en" -> [(1, a), (2, b)]
     found = [(int(m.group(1)), v) for g, v in values.items()
              if (m := re.fullmatch(rf"{side}_(\d+)", g))]
     return sorted(found)
@@ -98,10 +99,10 @@ def _sparse_little(ev: Evidence):
         layer_vals = [v for side in ("en", "de") for _, v in layers(vals, side)]
         median_help = -float(np.median(layer_vals))
         sparse = {g: vals[g] for g in SPARSE if g in vals}
-        most = max(-v for v in sparse.values())
+        most = max((-v for v in sparse.values()), default=float("nan"))
         ratio = most / median_help if median_help > 0 else float("inf")
         measured[d] = {"per_parameter": sparse, "median_layer": -median_help, "ratio": ratio}
-        ok &= ratio < 0.5
+        ok &= bool(ratio < 0.5)  # NaN (no sparse group) does not hold
         parts.append(f"{d}: most helpful of {', '.join(sparse)} / median layer = {_fmt(ratio)}")
     return measured, bool(ok), "; ".join(parts)
 
@@ -160,11 +161,10 @@ def _interval_order(ev: Evidence):
     labels = as_str(windows["group"].values).tolist()
     wins = total_pairs = 0
     for side in ("en", "de"):
-        idx = [labels.index(f"{side}_{k}") for k, _ in
-               layers({g: 0.0 for g in labels}, side)]
-        v = windows.values[:, idx]  # (W, L), bottom layer first
-        for i in range(len(idx)):
-            for j in range(i + 1, len(idx)):
+        numbers = sorted(int(g[3:]) for g in labels if re.fullmatch(rf"{side}_\d+", g))
+        v = windows.values[:, [labels.index(f"{side}_{k}") for k in numbers]]  # (W, L)
+        for i in range(v.shape[1]):
+            for j in range(i + 1, v.shape[1]):
                 wins += int((v[:, j] < v[:, i]).sum())
                 total_pairs += v.shape[0]
     frac = wins / total_pairs if total_pairs else float("nan")
@@ -195,9 +195,9 @@ def _frequency(ev: Evidence):
             measured[d][tensor] = {"top_fifth_share": share, "tau_bucket_lca": tau,
                                    "buckets": len(idx)}
             ok &= share >= 0.5
-            parts.append(f"{d} {tensor.split('.')[0]}.{tensor.split('.')[1]}: "
-                         f"{100 * share:.0f}%" if math.isfinite(share) else
-                         f"{d} {tensor}: raised the loss")
+            short = ".".join(tensor.split(".")[:2])
+            parts.append(f"{d} {short}: {100 * share:.0f}%" if math.isfinite(share)
+                         else f"{d} {short}: raised the loss")
     return measured, bool(ok), "; ".join(parts)
 
 
