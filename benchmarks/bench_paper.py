@@ -8,6 +8,10 @@ with DIR/stages.json of a real run: that run's wall times are the measurement, t
 forecast used to size configs/paper.yaml and to price configs/paper-large.yaml. Usage::
 
     python benchmarks/bench_paper.py configs/paper.yaml [--repeat 5] [--workers 2]
+        [--threads N] [--exact-sample N]
+
+``--exact-sample N`` times the exact evaluation on N pairs of the simulation subset and scales
+it to the whole subset (for configs whose subset is too large to evaluate here).
 """
 
 from __future__ import annotations
@@ -47,9 +51,13 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="replay workers of the paper's replay (default: the cores)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: train.threads)")
+    ap.add_argument("--exact-sample", type=int, metavar="N",
+                    help="time the exact evaluation on N subset pairs and scale it up")
     a = ap.parse_args()
     cfg = load_paper_config(a.config)
-    torch.set_num_threads(cfg.train.threads)
+    threads = a.threads or cfg.train.threads
+    torch.set_num_threads(threads)
     args = {**cfg.task.args, "tokenizer": None}
     t0 = time.perf_counter()
     task = load_task(cfg.task.ref, args)
@@ -83,11 +91,14 @@ def main() -> int:
     train_items = task.datasets()["train"]
     b = cfg.replay.batch_size
 
-    def sampled():
+    def sampled():  # the engine pools a sample into length-sorted batches of eval_batch_size
         idx = rng.choice(len(train_items), size=b, replace=False)
-        evaluation([train_items[i] for i in idx], b)
+        evaluation(sorted((train_items[i] for i in idx), key=task.item_size),
+                   task.eval_batch_size)
 
-    subset = sim_task.datasets()["train"]
+    full_subset = sim_task.datasets()["train"]
+    subset = full_subset[:a.exact_sample] if a.exact_sample else full_subset
+    exact_scale = len(full_subset) / len(subset)
     eval_size = cfg.simulation.eval_batch_size or task.eval_batch_size
     test = task.datasets()["test"][:64]
 
@@ -95,7 +106,9 @@ def main() -> int:
         "update": clocked(update, a.repeat),
         "sim_update": clocked(lambda: update(sim_batches), a.repeat),
         "sampled_eval": clocked(sampled, a.repeat),
-        "exact_eval": clocked(lambda: evaluation(subset, eval_size), max(1, a.repeat // 2)),
+        "exact_eval": tuple(x * exact_scale for x in clocked(
+            lambda: evaluation(sorted(subset, key=task.item_size), eval_size),
+            max(1, a.repeat // 2))),
         "translate_64": clocked(lambda: task.translate(model, "test", len(test)), 1),
     }
     n_test = cfg.analysis.bleu_sentences or len(task.datasets()["test"])
@@ -113,7 +126,7 @@ def main() -> int:
         f"simulation_{sim.quadrature}_at_least": (2 * sim.steps, "exact_eval", 1),
     }
     print(f"{a.config}: {n_params:,} parameters; task built in {build:.1f} s; "
-          f"{cfg.train.threads} training thread(s), {a.workers} replay worker(s)")
+          f"{threads} training thread(s), {a.workers} replay worker(s)")
     print(f"{'unit':<16}{'wall s':>10}{'cpu s':>10}")
     for name, (wall, cpu) in units.items():
         print(f"{name:<16}{wall:>10.3f}{cpu:>10.3f}")
