@@ -192,7 +192,6 @@ print(subword.save_tokenizer(tok, sys.argv[2]))
 """
 
 
-@pytest.mark.slow
 def test_tokenizer_training_is_deterministic_across_processes(tmp_path):
     locale = make_locale(str(tmp_path / "locale"), n=400)
     digests = []

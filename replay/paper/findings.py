@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from replay.paper.settings import PaperConfig
-from replay.paper.stages import Log, _write_json
+from replay.paper.output import Log, write_json
 
 
 def write_findings(config: PaperConfig, out: str, task, sizes: dict, bleu: dict, cube: str,
@@ -37,7 +37,7 @@ def write_findings(config: PaperConfig, out: str, task, sizes: dict, bleu: dict,
         "tau": tau,
         "claims": claims,
     }
-    _write_json(os.path.join(out, "findings.json"), findings)
+    write_json(os.path.join(out, "findings.json"), findings)
     held = sum(c["holds"] for c in claims)
     log(f"      {held} of {len(claims)} claims hold: "
         + ", ".join(f"{c['id']} {'yes' if c['holds'] else 'no'}" for c in claims))

@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable
 
 from replay.errors import ConfigError, LCAError
+from replay.paper.output import Log, write_json
 from replay.paper.settings import PaperConfig, PaperTrain
 from replay.paper.training import final_model, train_recorded
 from replay.task import load_task, recorded_args
-
-Log = Callable[[str], None]
 
 
 class Stages:
@@ -54,7 +51,7 @@ class Stages:
         self.save()
 
     def save(self, **extra) -> None:
-        _write_json(self.path, {"stages": self.data, **extra})
+        write_json(self.path, {"stages": self.data, **extra})
 
 
 def run_paper(config: PaperConfig, out: str, scheduler: str | None, log: Log) -> dict:
@@ -323,26 +320,7 @@ def _bleu(task, store: str, config: PaperConfig, out: str, log: Log) -> dict:
             "copy_baseline": result["copy_baseline"]["score"],
             "signature": result["bleu"]["signature"], "sentences": result["bleu"]["sentences"],
             "examples": result["examples"]}
-    _write_json(path, bleu)
+    write_json(path, bleu)
     log(f"      BLEU {bleu['test']:.2f} vs copy baseline {bleu['copy_baseline']:.2f} "
         f"({bleu['sentences']} sentences, {bleu['signature']})")
     return {**bleu, "reused": False}
-
-
-def _clean(value):
-    """JSON-safe: NaN and infinities become null (strict JSON has neither)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
-def _write_json(path: str, data) -> None:
-    tmp = f"{path}.partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_clean(data), f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
