@@ -5,8 +5,9 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUN    ?= runs/demo
+PAPER  ?= runs/paper
 
-.PHONY: setup demo test test-fast docs bench lint clean
+.PHONY: setup demo paper test test-fast docs bench lint clean
 
 setup: $(STAMP)
 
@@ -20,6 +21,10 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/lca demo configs/demo.yaml --out $(RUN)
+
+# Zhu et al. on this machine's gettext catalogs (docs/paper.md); re-running resumes.
+paper: setup
+	$(VENV)/bin/lca paper configs/paper.yaml --out $(PAPER)
 
 test: setup
 	$(PY) -m pytest -q

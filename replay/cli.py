@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "replay.commands.store",      # info, verify
     "replay.commands.train",      # train
     "replay.commands.demo",       # demo
+    "replay.commands.paper",      # paper
     "replay.commands.replay",     # replay
     "replay.commands.submit",    # submit, status
     "analysis.commands",          # report, export

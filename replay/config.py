@@ -88,19 +88,26 @@ class Config:
 def load_config(path: str | os.PathLike) -> Config:
     """Read and validate a YAML config file."""
     path = os.fspath(path)
+    config = from_mapping(Config, read_yaml(path, "configs/demo.yaml"), path)
+    return dataclasses.replace(config, source=path)
+
+
+def read_yaml(path: str, example: str) -> dict:
+    """The mapping in the YAML file ``path``, in the project's YAML dialect (``1e-3`` is a
+    float, a duplicate key is an error); ConfigError naming the file (and ``example``, a config
+    to start from, when it does not exist)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_Loader)  # a SafeLoader subclass
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found; pass the path of a YAML file such "
-                          f"as configs/demo.yaml") from None
+                          f"as {example}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"cannot parse {path}{line}: {problem}") from None
-    config = from_mapping(Config, {} if data is None else data, path)
-    return dataclasses.replace(config, source=path)
+    return {} if data is None else data
 
 
 # --- YAML dialect -----------------------------------------------------------------------------

@@ -19,7 +19,14 @@ class Task(Protocol):
     """What the replay engine calls. Optional, and not part of this protocol's checks:
     ``token_counts()`` (per-row frequencies, for the ``frequency`` grouping), ``item_size(item)``
     (a number that grows with an item's cost in a padded batch, e.g. its length in tokens:
-    exact mode then batches items of similar size together) and ``eval_batch_size``.
+    exact mode then batches items of similar size together), ``eval_batch_size``, and
+    ``record_args() -> dict``: the JSON arguments that rebuild this very task, for tasks whose
+    constructor arguments alone do not pin it down (data read from the machine, a tokenizer
+    trained on first use): e.g. the constructor's arguments plus a fingerprint of the data and
+    the path and sha256 of a file the task wrote. Whoever records a trajectory (``lca train``,
+    ``lca paper``) stores ``record_args()`` as its task arguments when the task has it
+    (:func:`recorded_args`); given them back, the task must rebuild the same computation or
+    raise TaskError.
 
     The model is put in eval mode by the engine, so the loss is deterministic and
     ``L(θ; D) = Σ loss_sum / Σ count`` over batches is exact for any batch size.
@@ -71,6 +78,18 @@ def load_task(ref: str, args: Mapping[str, Any] | None = None) -> Task:
     if missing:
         raise TaskError(f"task {ref!r} does not implement {', '.join(missing)} (see replay.Task)")
     return task
+
+
+def recorded_args(task: Any, args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The task arguments to store with a trajectory: ``task.record_args()`` if the task has
+    that hook, else ``args`` (the arguments it was built from)."""
+    hook = getattr(task, "record_args", None)
+    out = dict(hook()) if callable(hook) else dict(args or {})
+    try:
+        json.dumps(out)
+    except TypeError as err:
+        raise TaskError(f"{type(task).__name__}.record_args() must return JSON data: {err}") from None
+    return out
 
 
 def task_reference(obj: Any) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from replay.config import Config, TrainConfig, load_config
 from replay.errors import ConfigError, LCAError, TaskError
-from replay.task import Task, load_task
+from replay.task import Task, load_task, recorded_args
 
 
 def register(subparsers) -> None:
@@ -70,7 +70,8 @@ def train(config: Config, store_path: str | None = None, *, record: bool = True,
     if record:
         from replay.record.recorder import Recorder
 
-        rec = Recorder(model, path, task=config.task.ref, task_args=config.task.args,
+        rec = Recorder(model, path, task=config.task.ref,
+                       task_args=recorded_args(task, config.task.args),
                        keyframe_every=config.record.keyframe_every, every=config.record.every,
                        mode=config.record.mode)
     else:

@@ -8,4 +8,6 @@
 - ``replay.tasks.hf:HFTask`` — a Hugging Face language model rebuilt from its stored config,
   on splits saved with ``datasets`` (what ``replay.integrations.hf.LCACallback(data=...)``
   stores).
+- ``replay.tasks.catalog_nmt:CatalogNMT`` — a fairseq-shaped Transformer translating the
+  gettext message catalogs installed on the machine (a real corpus; ``lca paper``).
 """
