@@ -73,7 +73,9 @@ def test_site_builds_with_strict_and_renders_the_api_reference(tmp_path):
                            str(ROOT / "mkdocs.yml"), "--site-dir", str(site)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "WARNING" not in proc.stderr, proc.stderr
+    # mkdocs' own warnings (``WARNING -  ...``); the notebook's kernel may log its own.
+    warnings = [line for line in proc.stderr.splitlines() if re.match(r"WARNING\s+-", line)]
+    assert not warnings, proc.stderr
     for page in ("index.html", "design/index.html", "benchmarks/index.html",
                  "changelog/index.html", "api/index.html"):
         assert (site / page).is_file(), page
