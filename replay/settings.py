@@ -102,6 +102,9 @@ class ReplaySettings:
         "split", "a tied weight (one tensor used as several, e.g. a shared embedding and "
         "softmax): split its LCA by use, each use under its own name, or keep one joint LCA",
         result=True, legacy="joint")
+    param_lca: bool = option(
+        True, "per-parameter cumulative LCA kept with the cube (replay.load_param_lca); "
+        "without it a worker holds one float64 vector per dataset less", flag="--no-param-lca", result=True)
     precision: Literal["float32", "float64"] = option(
         "float32", "arithmetic of the gradient computations", result=True)
     eval_batch_size: int | None = option(

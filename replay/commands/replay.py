@@ -59,7 +59,7 @@ def add_settings_flags(parser) -> None:
             continue
         kw: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
         tp = hints[f.name]
-        if tp is bool:  # the only boolean is on by default: its flag switches it off
+        if tp is bool:  # booleans are on by default: their flags switch them off
             kw.update(action="store_const", const=not f.default)
         elif f.name == "groups":
             kw.update(action="append", metavar="GROUPING")
