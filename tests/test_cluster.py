@@ -269,6 +269,19 @@ def test_submit_dry_run_prints_chunk_aligned_slices(trained, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []  # no cube, no scripts
 
 
+def test_submit_without_a_chunk_size_makes_chunks_for_every_task(trained, tmp_path, capsys):
+    # The default cube chunk holds several tasks' steps (one chunk of 12 here); for an array
+    # of 4 the new cube is chunked so that each task still gets whole chunks of its own.
+    from replay.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(trained.read_text().replace("chunk_size: 3, ", ""))
+    cube = tmp_path / "cube.zarr"
+    capsys.readouterr()
+    assert main(["submit", str(config), "--cube", str(cube), "--array", "4", "--dry-run"]) == 0
+    assert "slices=(0:3 3:6 6:9 9:12)" in capsys.readouterr().out.splitlines()
+
+
 # ---- lca status ---------------------------------------------------------------------------------------
 
 

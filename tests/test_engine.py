@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from torch.func import functional_call
 
 import replay
@@ -239,3 +242,78 @@ def test_a_loss_that_replaces_gradients_is_refused(store, tmp_path):
         replay.run(store, task=task, out=str(tmp_path / "c.zarr"), scheduler="sync",
                    progress=False)
     assert not (tmp_path / "c.zarr").exists()  # the run made the cube and removed it again
+
+
+def test_a_flush_cut_short_keeps_its_done_rows_and_redoes_the_rest(store, tmp_path):
+    # The driver writes several pieces' partial sums as one array, a row per piece, before
+    # their done flags. If the flags of one chunk never landed (a crash mid-write), the resume
+    # drops that row alone, recomputes its steps, and the cube equals an uninterrupted one.
+    import zarr
+
+    from replay.cube.schema import PARTS
+
+    kw = dict(task=TASK, precision="float64", scheduler="sync", progress=False, chunk_size=2)
+    whole = replay.run(store, out=str(tmp_path / "whole.zarr"), **kw)
+    out = str(tmp_path / "cut.zarr")
+    replay.run(store, out=out, steps="0:8", **kw)
+    root = zarr.open_group(out, mode="r+", use_consolidated=False)
+    (key,) = root[f"{PARTS}/train"].array_keys()
+    assert root[f"{PARTS}/train/{key}"].attrs["edges"] == [[0, 2], [2, 4], [4, 6], [6, 8]]
+    root["done"][4:6] = False
+    resumed = replay.run(store, out=out, **kw)
+    assert resumed.done.all()
+    for var in ("lca", "helped", "loss", "loss_next", "residual", "splits"):
+        assert np.array_equal(whole[var].values, resumed[var].values), var
+    a = replay.load_param_lca(str(tmp_path / "whole.zarr"))
+    b = replay.load_param_lca(out)
+    for d in a:
+        for name in a[d]:
+            np.testing.assert_allclose(a[d][name], b[d][name], rtol=1e-12, atol=1e-15)
+
+
+def test_an_error_keeps_the_pieces_that_finished_before_it(tmp_path):
+    # θ turns NaN at step 9: the replay stops there, the pieces before it are in the cube
+    # (written by the driver on the way out), and a rerun that skips such steps does the rest.
+    task = TinyMLP(**ARGS)
+    model = task.build_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    data = task.datasets()["train"]
+    path = str(tmp_path / "traj")
+    with replay.Recorder(model, path, task=TASK, task_args=ARGS) as rec:
+        for step in range(12):
+            loss, n = task.loss(model, task.collate(data[16 * (step % 6):16 * (step % 6) + 16]))
+            (loss / n).backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 8:
+                with torch.no_grad():
+                    next(model.parameters()).view(-1)[0] = float("nan")
+            rec.step()
+    kw = dict(task=TASK, scheduler="sync", progress=False, chunk_size=2)
+    out = str(tmp_path / "c.zarr")
+    with pytest.raises(ReplayError, match="step 9 has non-finite"):
+        replay.run(path, out=out, **kw)
+    assert xr.open_zarr(out).done.values.tolist() == [True] * 8 + [False] * 4
+    rerun = replay.run(path, out=out, nonfinite="skip", **kw)
+    whole = replay.run(path, out=str(tmp_path / "whole.zarr"), nonfinite="skip", **kw)
+    assert rerun.done.all()
+    assert np.array_equal(rerun["lca"].values, whole["lca"].values, equal_nan=True)
+
+
+def test_param_lca_off_keeps_the_cube_and_refuses_the_per_parameter_lca(store, tmp_path):
+    kw = dict(task=TASK, scheduler="sync", progress=False)
+    on = replay.run(store, out=str(tmp_path / "on.zarr"), **kw)
+    off_path = str(tmp_path / "off.zarr")
+    off = replay.run(store, out=off_path, param_lca=False, **kw)
+    for var in ("lca", "helped", "loss", "loss_next", "residual", "splits"):
+        assert np.array_equal(on[var].values, off[var].values), var
+    with pytest.raises(CubeError, match=r"param_lca=False \(CLI --no-param-lca\)"):
+        replay.load_param_lca(off_path)
+    with pytest.raises(CubeError, match="param_lca differ"):
+        replay.run(store, out=off_path, **kw)
+    from replay.cli import main
+
+    cli = str(tmp_path / "cli.zarr")
+    assert main(["replay", store, "--task", TASK, "--cube", cli, "--scheduler", "sync",
+                 "--no-progress", "--no-param-lca"]) == 0
+    assert json.loads(xr.open_zarr(cli).attrs["settings"])["param_lca"] is False

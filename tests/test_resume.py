@@ -32,7 +32,10 @@ def done_count(cube):
 @pytest.mark.slow
 def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     store = record(str(tmp_path / "traj"), steps=40)
-    common = ["--task", TASK, "--task-args", json.dumps(ARGS), "--precision",
+    # Enough data that the replay takes several seconds of compute: the driver writes
+    # finished pieces every few seconds (replay.cube.buffer), so the kill must land mid-way.
+    common = ["--task", TASK, "--task-args", json.dumps({**ARGS, "train_size": 2000}),
+              "--precision",
               "float64", "--scheduler", "sync", "--chunk-size", "2", "--quadrature", "adaptive",
               "--tolerance", "1e-12", "--max-splits", "16", "--no-progress"]
     cube = str(tmp_path / "killed.zarr")

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 from collections.abc import Sequence
 
@@ -81,12 +83,17 @@ def plan(source: str, cube: str | None, n: int, *, create: bool) -> tuple[str, l
     out = src.settings.cube
     if not out:
         raise ConfigError(f"no cube to write: pass --cube PATH (or set replay.cube in {source})")
+    settings = src.settings
+    if settings.chunk_size is None and not cubes.exists(out):
+        # Each array task gets whole chunks: small enough ones that there are n of them.
+        settings = dataclasses.replace(settings, chunk_size=min(
+            default_chunk(len(starts)), max(1, math.ceil(len(starts) / n))))
     if create and not cubes.exists(out):
-        prepare(src.trajectory, src.task, settings=src.settings, task_args=src.task_args)
+        prepare(src.trajectory, src.task, settings=settings, task_args=src.task_args)
     if cubes.exists(out):
         chunk = cubes.cube_chunk(out)
     else:
-        chunk = src.settings.chunk_size or default_chunk(len(starts))
+        chunk = settings.chunk_size
     return out, plan_slices(len(starts), chunk, n, starts)
 
 

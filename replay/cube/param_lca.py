@@ -8,6 +8,8 @@ names and shapes as attributes. :func:`load_param_lca` gives them back as tensor
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 import zarr
@@ -16,16 +18,37 @@ from replay.cube.schema import PARAMS, PARTS, quiet
 from replay.errors import CubeError
 
 
-def drop_stale_parts(writer, datasets, pieces) -> None:
-    """Partials inside one of ``pieces`` ([i0, i1) each) whose steps are not done belong to
-    an interrupted run."""
-    done = writer.done_mask()
+def drop_stale_parts(writer, datasets, pieces, done: np.ndarray | None = None) -> None:
+    """Rows of partial sums inside one of ``pieces`` ([i0, i1) each) whose steps are not done
+    belong to an interrupted run: they are dropped (an array whose rows are all dropped is
+    deleted; otherwise its ``valid`` attribute stops naming them). Rows elsewhere may be
+    another live replay's, written just before its ``done`` flags."""
+    done = writer.done_mask() if done is None else done
     for name in datasets:
         group = writer.root[f"{PARTS}/{name}"]
         for key in list(group.array_keys()):
-            a, b = _part_range(key)
-            if not done[a:b].all() and any(a >= i0 and b <= i1 for i0, i1 in pieces):
+            arr = group[key]
+            rows = _rows(key, arr)
+            stale = {j for j, (a, b) in rows.items()
+                     if not done[a:b].all() and any(a >= i0 and b <= i1 for i0, i1 in pieces)}
+            if not stale:
+                continue
+            keep = sorted(set(rows) - stale)
+            if keep:
+                arr.attrs["valid"] = keep
+            else:
                 del group[key]
+
+
+def _rows(key: str, arr) -> dict[int, tuple[int, int]]:
+    """The valid rows of one array of partial sums: {row index: (i0, i1)}. An array written by
+    a worker is one flat row named by its steps; the driver's hold a row per piece."""
+    if arr.ndim == 1:
+        return {0: _part_range(key)}
+    edges = [tuple(e) for e in arr.attrs["edges"]]
+    valid = arr.attrs.get("valid", range(len(edges)))
+    return {int(j): edges[int(j)] for j in valid}
+
 
 def finalize(writer, datasets, names, shapes) -> bool:
     """Add the partials in step order into ``param_lca/<dataset>``; False if incomplete.
@@ -46,17 +69,25 @@ def finalize(writer, datasets, names, shapes) -> bool:
             if _complete(writer.root, name):
                 continue
             group = writer.root[f"{PARTS}/{name}"]
-            keys = sorted(group.array_keys(), key=_part_range)
-            edges = [_part_range(k) for k in keys]
+            rows = []  # (i0, i1, array key, row index)
+            for key in group.array_keys():
+                rows += [(a, b, key, j) for j, (a, b) in _rows(key, group[key]).items()]
+            rows.sort()
+            edges = [(a, b) for a, b, _, _ in rows]
             if not edges or edges[0][0] != 0 or edges[-1][1] != n or any(
                     a[1] != b[0] for a, b in zip(edges, edges[1:])):
                 raise CubeError(
                     f"per-parameter LCA parts of {writer.path} for {name!r} do not tile the "
                     f"steps ({edges[:4]}…); delete the cube and replay again"
                 )
-            total = np.zeros(group[keys[0]].shape, dtype=np.float64)
-            for key in keys:
-                total += group[key][:]
+            total, loaded = None, {}
+            for _, _, key, j in rows:
+                if key not in loaded:  # one array at a time: its rows follow each other
+                    loaded = {key: np.asarray(group[key][:])}
+                values = loaded[key]
+                row = values if values.ndim == 1 else values[j]
+                total = np.zeros(row.shape, dtype=np.float64) if total is None else total
+                total += row
             arr = writer.root.require_group(PARAMS).create_array(
                 name, shape=total.shape, dtype="f8", chunks=(min(total.size, 1 << 22),),
                 overwrite=True, attributes={"complete": False})
@@ -91,6 +122,25 @@ def write_param_part(path: str, dataset: str, i0: int, i1: int, values: np.ndarr
     arr[:] = values
 
 
+def write_param_rows(root, dataset: str, edges: list[tuple[int, int]],
+                     rows: list[np.ndarray]) -> None:
+    """Called by the driver: the partial sums (D,) of the contiguous pieces ``edges``, one row
+    each, as one array."""
+    group = root[f"{PARTS}/{dataset}"]
+    size = rows[0].size
+    arr = group.create_array(f"{edges[0][0]:09d}-{edges[-1][1]:09d}", shape=(len(rows), size),
+                             dtype="f8", chunks=(1, min(size, 1 << 22)), overwrite=True,
+                             attributes={"edges": [list(e) for e in edges]})
+    arr[:] = np.stack(rows)
+
+
+def _settings(root) -> dict:
+    try:
+        return json.loads(root.attrs.get("settings", "{}"))
+    except (TypeError, ValueError):
+        return {}
+
+
 def _part_range(key: str) -> tuple[int, int]:
     a, b = key.split("-")
     return int(a), int(b)
@@ -105,6 +155,9 @@ def load_param_lca(cube_path: str) -> dict[str, dict[str, torch.Tensor]]:
         root = zarr.open_group(cube_path, mode="r", use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
         raise CubeError(f"{cube_path} is not an LCA cube; run `lca replay` to make one") from None
+    if _settings(root).get("param_lca", True) is False:
+        raise CubeError(f"{cube_path} was replayed with param_lca=False (CLI --no-param-lca) and "
+                        "holds no per-parameter LCA; replay into another cube without it")
     if PARAMS not in root or _leftover_parts(root):
         missing = int((~np.asarray(root["done"][:], dtype=bool)).sum()) if "done" in root else -1
         why = f"{missing} steps missing" if missing else "all steps done, not yet added up"

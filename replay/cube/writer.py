@@ -26,15 +26,16 @@ from replay.errors import CubeError
 FREE_SETTINGS = ("nonfinite",)
 
 
-def create(path: str, layout: Coords, attrs: dict) -> bool:
-    """Write an empty cube; never touches an existing store.
+def create(path: str, layout: Coords, attrs: dict, *, parts: bool = True) -> bool:
+    """Write an empty cube; never touches an existing store. ``parts``: with the groups that
+    collect per-parameter partial sums (:mod:`replay.cube.param_lca`).
 
     A local cube is built in a hidden directory beside ``path`` and renamed into place (atomic),
     so no reader sees half a cube, a failed write (disk full) leaves nothing behind, and of two
     replays racing to create it one wins: the other gets False and resumes the winner's cube.
     """
     if "://" in path:
-        _write_empty(path, layout, attrs)
+        _write_empty(path, layout, attrs, parts)
         return True
     _refuse_foreign(path)
     parent = os.path.dirname(os.path.abspath(path))
@@ -42,7 +43,7 @@ def create(path: str, layout: Coords, attrs: dict) -> bool:
     tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.creating")
     os.mkdir(tmp)
     try:
-        _write_empty(tmp, layout, attrs)
+        _write_empty(tmp, layout, attrs, parts)
         try:
             os.rename(tmp, path)   # replaces nothing but a missing path or an empty directory
         except OSError as err:
@@ -64,18 +65,29 @@ def _refuse_foreign(path: str) -> None:
                         "(or remove it if it is yours)")
 
 
-def _write_empty(path: str, layout: Coords, attrs: dict) -> None:
-    ds = build(layout, None, attrs)
+# A cube up to this many values is created from numpy arrays: quicker than building the dask
+# graph that keeps a bigger one from being held in memory (zarr skips the empty chunks either way).
+_EAGER_VALUES = 1 << 22
+
+
+def _write_empty(path: str, layout: Coords, attrs: dict, parts: bool) -> None:
+    sizes = {"step": len(layout.steps), "group": len(layout.labels),
+             "dataset": len(layout.datasets)}
+    shapes = {name: tuple(sizes[d] for d in var.dims) for name, var in VARIABLES.items()}
+    eager = sum(int(np.prod(s)) for s in shapes.values()) <= _EAGER_VALUES
+    data = {name: np.full(shapes[name], var.empty, dtype=var.dtype)
+            for name, var in VARIABLES.items()} if eager else None
+    ds = build(layout, data, attrs)
     c = layout.chunk
     encoding = {v: {"chunks": (c,) + ds[v].shape[1:]} for v in ds.data_vars}
     for v in FLOAT_VARIABLES:
         encoding[v]["fill_value"] = np.nan
     ctx = quiet()
     try:
-        ds.to_zarr(path, mode="w-", compute=False, encoding=encoding, zarr_format=3,
+        ds.to_zarr(path, mode="w-", compute=eager, encoding=encoding, zarr_format=3,
                    consolidated=True)
         root = zarr.open_group(path, mode="r+", use_consolidated=False)
-        for name in layout.datasets:
+        for name in layout.datasets if parts else ():
             root.require_group(f"{PARTS}/{name}")
     except FileExistsError:
         raise CubeError(f"{path} already exists; pass it to resume, or choose another --cube") from None

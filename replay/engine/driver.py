@@ -2,7 +2,8 @@
 
 The driver resolves the task, groupings and step selection, creates (or checks and resumes)
 the cube, cuts the not-yet-done steps into pieces that never straddle a cube chunk, runs one
-task per piece on the chosen scheduler and writes each piece's arrays as it finishes. Every
+task per piece on the chosen scheduler and writes the pieces' arrays as they finish, a few at
+a time (:mod:`replay.cube.buffer`). Every
 setting comes from one :class:`~replay.settings.ReplaySettings`.
 """
 
@@ -21,11 +22,12 @@ import xarray as xr
 from replay.cluster.executor import JOBQUEUE, executor
 from replay.cube import failure, param_lca, schema
 from replay.cube import writer as cubes
+from replay.cube.buffer import INLINE_BYTES, ResultBuffer
 from replay.cube.lock import CubeLock
 from replay.engine.gradients import plan_batches, sorts_by_size, to_device
 from replay.engine.piece import Spec, compute_piece
-from replay.engine.plan import (absolute, default_chunk, default_cube_path, intervals,
-                                plan_pieces, select_steps)
+from replay.engine.plan import (absolute, default_chunk, default_cube_path, default_piece,
+                                intervals, plan_pieces, select_steps)
 from replay.engine.preflight import check_files, check_model
 from replay.engine.tied import reached_uses, tensor_uses, use_counts
 from replay.errors import ReplayError, TaskError
@@ -60,10 +62,12 @@ def run(trajectory, task=None, *, settings: ReplaySettings | None = None,
         # nothing), then plan again: a replay that just finished may have done some of them.
         with CubeLock(spec.cube, plan.label) as lock:
             lock.claim(sorted({i0 // plan.chunk for i0, _ in plan.pieces}))
-            pieces = plan_pieces(plan.selected & ~writer.done_mask(), plan.chunk)
-            stats = execute(plan, pieces)
+            done = writer.done_mask()
+            pieces = plan_pieces(plan.selected & ~done, plan.chunk, plan.piece)
+            stats = execute(plan, pieces, done)
             with lock.exclusive():  # replays finishing their slices at once finalise once
-                complete = param_lca.finalize(writer, spec.datasets, plan.names, plan.shapes)
+                complete = param_lca.finalize(writer, spec.datasets, plan.names, plan.shapes) \
+                    if settings.param_lca else bool(writer.done_mask().all())
     except BaseException as err:
         gone = failure.discard_if_empty(spec.cube, plan.created, writer)
         found = failure.write_failure(spec.cube, err, writer, gone)
@@ -87,7 +91,8 @@ class Plan:
     selected: np.ndarray
     names: list[str]
     shapes: dict
-    chunk: int = 1
+    chunk: int = 1  # intervals per cube chunk
+    piece: int = 1  # most intervals per task
     created: bool = False  # this call created the cube (it may remove it if nothing got done)
 
     def label(self, c0: int, c1: int) -> str:
@@ -166,16 +171,21 @@ def prepare(trajectory, task=None, *, settings: ReplaySettings | None = None,
                 trajectory_path=traj.path, manifest_sha256=traj.manifest_sha256,
                 settings=recorded, gradient=describe_gradient(s.mode), quadrature=s.quadrature,
                 tolerance=s.tolerance)
-            created = cubes.create(out, layout, attrs)
+            created = cubes.create(out, layout, attrs, parts=s.param_lca)
         except OSError as err:
             raise failure.write_failure(out, err, None, True) or err from None
         if not created:  # another replay created it a moment ago: resume that one
             cubes.check_compatible(out, layout, recorded)
     writer = cubes.CubeWriter(out)
-    pieces = plan_pieces(selected & ~writer.done_mask(), layout.chunk)
+    done = np.zeros(len(starts), dtype=bool) if created else writer.done_mask()
+    piece = s.chunk_size or default_piece(len(starts))
+    pieces = plan_pieces(selected & ~done, layout.chunk, piece)
+    size = sum(int(np.prod(shape, dtype=np.int64)) for shape in shapes_u.values())
     spec = Spec(s.for_workers(), absolute(traj.path), ref, args, tuple(names), groupings,
-                uses, batch, out, starts, ends, task_obj)
-    return Plan(s, spec, writer, pieces, selected, names_u, shapes_u, layout.chunk, created)
+                uses, batch, out, starts, ends, task_obj,
+                inline_parts=size * len(names) * 8 <= INLINE_BYTES)
+    return Plan(s, spec, writer, pieces, selected, names_u, shapes_u, layout.chunk, piece,
+                created)
 
 
 def _has_ties(traj) -> bool:
@@ -205,13 +215,15 @@ def _resolve_task(traj, task, task_args, trust_task):
     return task_reference(type(task)), {}, task, task
 
 
-def execute(plan: Plan, pieces: list[tuple[int, int]]) -> dict:
-    """Run ``pieces`` on the plan's scheduler, writing each result as it arrives."""
+def execute(plan: Plan, pieces: list[tuple[int, int]], done: np.ndarray | None = None) -> dict:
+    """Run ``pieces`` on the plan's scheduler, writing results as they arrive (in batches,
+    :mod:`replay.cube.buffer`); ``done``: the cube's done mask if the caller has just read it."""
     s, spec, writer = plan.settings, plan.spec, plan.writer
     stats = {"evaluations": 0, "forwards": 0, "task_seconds": 0.0, "steps": 0, "where": "-"}
     if not pieces:
         return stats
-    param_lca.drop_stale_parts(writer, spec.datasets, pieces)
+    if s.param_lca:
+        param_lca.drop_stale_parts(writer, spec.datasets, pieces, done)
     total = sum(i1 - i0 for i0, i1 in pieces)
     bar = None
     cluster_options = s.cluster_options
@@ -234,16 +246,21 @@ def execute(plan: Plan, pieces: list[tuple[int, int]]) -> dict:
 
             bar = tqdm(total=total, unit="step", desc=f"replay [{where}]", file=sys.stderr,
                        dynamic_ncols=True)
+        held = ResultBuffer(writer, spec.datasets)
         try:
             for result in run_(compute_piece, spec, pieces):
-                writer.write(result["i0"], result["i1"], result)
+                held.add(result)
                 stats["evaluations"] += result["evaluations"]
                 stats["forwards"] += result["forwards"]
                 stats["task_seconds"] += result["seconds"]
                 stats["steps"] += result["i1"] - result["i0"]
                 if bar is not None:
                     bar.update(result["i1"] - result["i0"])
-        except Exception as err:
+        except BaseException as err:
+            # The pieces finished before the error are kept, as if written when they arrived;
+            # if writing is what failed, the original error is the one to report.
+            with contextlib.suppress(Exception):
+                held.flush()
             if type(err).__name__ != "KilledWorker":
                 raise
             # Dask gave up on a piece whose workers kept dying (out of memory, a crash).
@@ -253,6 +270,7 @@ def execute(plan: Plan, pieces: list[tuple[int, int]]) -> dict:
         finally:
             if bar is not None:
                 bar.close()
+        held.flush()
     return stats
 
 

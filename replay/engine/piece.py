@@ -47,6 +47,7 @@ class Spec:
     steps: np.ndarray  # interval starts (n,)
     step_ends: np.ndarray  # interval ends (n,)
     task_obj: Any = field(default=None, repr=False)  # a Task instance passed from Python
+    inline_parts: bool = False  # per-parameter partial sums go back with the result
 
     def cache_key(self) -> str:
         s = self.settings
@@ -188,9 +189,13 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
         theta0, state0 = theta1, state
     walk.close()
     delta = prev = None  # the writes below encode copies of cum: make room for them
-    for d, name in enumerate(spec.datasets):
-        write_param_part(spec.cube, name, i0, i1, cum[d])
-    out.update(i0=i0, i1=i1, evaluations=evaluations, forwards=forwards,
+    parts = None
+    if s.param_lca and spec.inline_parts:
+        parts = cum  # the driver writes them with the piece's other arrays (replay.cube.buffer)
+    elif s.param_lca:
+        for d, name in enumerate(spec.datasets):
+            write_param_part(spec.cube, name, i0, i1, cum[d])
+    out.update(i0=i0, i1=i1, evaluations=evaluations, forwards=forwards, parts=parts,
                seconds=time.perf_counter() - began)
     return out
 

@@ -1,14 +1,16 @@
 """Which intervals a replay computes, and how they are cut into tasks.
 
 A trajectory's recorded steps t_0 < t_1 < … give the intervals [t_k, t_{k+1}), indexed by
-their start. The cube's step axis is chunked; a *piece* is a run of intervals to do that never
-straddles a chunk, so no two tasks write one zarr chunk; job arrays get *slices* of whole chunks.
+their start. The cube's step axis is chunked; a *piece* (one task) is a run of intervals to do
+that never straddles a chunk. Only the driver writes the chunks of its pieces, and job arrays
+get *slices* of whole chunks, so no two processes write one zarr chunk.
 """
 
 from __future__ import annotations
 
 import math
 import os
+
 import numpy as np
 
 from replay.errors import ConfigError, ReplayError
@@ -42,22 +44,35 @@ def select_steps(starts: np.ndarray, steps: str | None) -> np.ndarray:
     return mask
 
 
-def default_chunk(n: int) -> int:
-    # ~16 chunks: enough tasks to balance a few workers, few enough that the one extra
-    # gradient evaluation each chunk start costs (no end-point reuse across tasks) stays small.
+def default_piece(n: int) -> int:
+    # ~16 tasks: enough to balance a few workers, few enough that the one extra gradient
+    # evaluation each task start costs (no end-point reuse across workers) stays small.
     return max(1, min(256, math.ceil(n / 16)))
 
 
-def plan_pieces(todo: np.ndarray, chunk: int) -> list[tuple[int, int]]:
-    """Maximal runs of True in ``todo`` that stay inside one chunk."""
+# Every chunk of every cube variable is a file with a few milliseconds of fixed cost to write
+# or read, so a short replay's chunks hold several tasks' steps.
+_CHUNK_STEPS = 64
+
+
+def default_chunk(n: int) -> int:
+    """Intervals per cube chunk: a whole number of :func:`default_piece` pieces, near 64."""
+    piece = default_piece(n)
+    return piece * max(1, _CHUNK_STEPS // piece)
+
+
+def plan_pieces(todo: np.ndarray, chunk: int, piece: int | None = None) -> list[tuple[int, int]]:
+    """Runs of True in ``todo`` that stay inside one chunk, cut every ``piece`` intervals
+    (counted from the start, default: the chunk), so that a resumed replay cuts as before."""
+    piece = chunk if piece is None else piece
     pieces = []
     for c0 in range(0, len(todo), chunk):
         block = todo[c0:c0 + chunk]
         i = 0
         while i < len(block):
             if block[i]:
-                j = i
-                while j < len(block) and block[j]:
+                j = i + 1
+                while j < len(block) and block[j] and (c0 + j) % piece:
                     j += 1
                 pieces.append((c0 + i, c0 + j))
                 i = j
