@@ -117,7 +117,8 @@ class ReplaySettings:
         "error", "NaN/Inf in a checkpoint or gradient: stop, or mark the step and go on")
     steps: str | None = option(None, "only intervals starting at A <= t < B, as A:B")
     chunk_size: int | None = option(
-        None, "intervals per task and per cube chunk (default: ~16 chunks)")
+        None, "intervals per task and per cube chunk (default: tasks of ~1/16 of the "
+        "intervals, chunks of a whole number of tasks near 64 intervals)")
     scheduler: Any = option(
         "local", "sync | threads[:N] | local[:N] | tcp://HOST:PORT | SCHEDULER_FILE.json | "
         "slurm | pbs | lsf | sge | ... (replay.run also takes a distributed.Client)")
