@@ -7,10 +7,11 @@ gradients, ≈2 rows per step for each of 2 splits (16 B) + float32 T × D LCA m
 2 splits (8 B) = 32 B per parameter per step. The cube's bytes per parameter are shown too.
 
 Memory: peak resident memory (VmHWM) of fresh subprocesses that each import the same
-modules and build the task, then either stop (``baseline``), run one plain gradient
-evaluation over the collated data (``plain``: the raw work's own memory, mostly activations),
-or run a sync exact Simpson replay of the store (``replay``). Reported: (replay − baseline) and
-(replay − plain) as multiples of the model's parameter bytes, for the demo model (memory
+modules and load the task, then either build its model and stop (``baseline``), build it and
+run one plain gradient evaluation over the collated data (``plain``: the raw work's own memory,
+mostly activations), or run a sync exact Simpson replay of the store, which builds its own
+model (``replay``; ``replay-no-param-lca`` with ``param_lca=False``). Reported: (replay −
+baseline) and (replay − plain) as multiples of the model's parameter bytes, for the demo model (memory
 dominated by activations) and for a parameter-heavy MLP (``TinyMLP`` with 3072-wide layers,
 10.2 M parameters, little data: the engine's per-parameter buffers dominate; at this size
 every (D,) buffer is above glibc's largest mmap threshold, 32 MiB, so freed buffers leave the
@@ -76,7 +77,8 @@ def child(mode: str, store: str, task_ref: str, task_args: dict, datasets: list[
     torch.set_num_threads(1)
     warm_up()
     task = load_task(task_ref, task_args)
-    model = task.build_model().eval()
+    # A replay builds its own model: one more here would count against it.
+    model = task.build_model().eval() if mode not in REPLAYS else None
     if mode == "plain":
         items = task.datasets()
         bs = getattr(task, "eval_batch_size", 256)
@@ -86,9 +88,15 @@ def child(mode: str, store: str, task_ref: str, task_args: dict, datasets: list[
                 loss.backward()
     elif mode in REPLAYS:
         shutil.rmtree(out, ignore_errors=True)  # a complete cube would make this a no-op
-        replay.run(store, task=task_ref, task_args=task_args, datasets=datasets, out=out,
-                   quadrature="simpson", scheduler="sync", threads=1, progress=False,
-                   groups=["tensor"], param_lca=REPLAYS[mode])
+        try:
+            replay.run(store, task=task_ref, task_args=task_args, datasets=datasets, out=out,
+                       quadrature="simpson", scheduler="sync", threads=1, progress=False,
+                       groups=["tensor"], param_lca=REPLAYS[mode])
+        except replay.CubeError as err:
+            # Finishing the cube comes after every step's work: the peak is still measured,
+            # and the failure is shown beside it.
+            print(json.dumps({"maxrss": peak_rss(), "error": str(err)}))
+            return
     print(json.dumps({"maxrss": peak_rss()}))
 
 
@@ -112,7 +120,10 @@ def measure(mode: str, store: str, task_ref: str, task_args: dict, datasets, out
            "--datasets", ",".join(datasets), "--out", out]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=common.ROOT,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"})
-    return json.loads(res.stdout.strip().splitlines()[-1])["maxrss"]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    if "error" in got:
+        common.log(f"  ({mode}: the replay failed after its steps: {got['error']})")
+    return got["maxrss"]
 
 
 def memory(store, task_ref, task_args, datasets, out, param_bytes, repeats) -> dict:
