@@ -43,7 +43,7 @@ class Trajectory:
     trainable parameters, canonical order), ``shapes``, ``dtypes``, ``aliases`` (tied alias ->
     canonical name), ``state_names`` (frozen parameters and buffers), ``steps`` (ascending),
     ``keyframe_steps``, ``mode``, ``every``, ``keyframe_every``, ``task``, ``task_args``.
-    Returned tensors are fresh copies owned by the caller.
+    Returned tensors are fresh copies owned by the caller (:meth:`walk_flat` shares its own).
     """
 
     def __init__(self, path: str | os.PathLike):
