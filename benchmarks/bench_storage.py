@@ -7,10 +7,11 @@ gradients, ≈2 rows per step for each of 2 splits (16 B) + float32 T × D LCA m
 2 splits (8 B) = 32 B per parameter per step. The cube's bytes per parameter are shown too.
 
 Memory: peak resident memory (VmHWM) of fresh subprocesses that each import the same
-modules and build the task, then either stop (``baseline``), run one plain gradient
-evaluation over the collated data (``plain``: the raw work's own memory, mostly activations),
-or run a sync exact Simpson replay of the store (``replay``). Reported: (replay − baseline) and
-(replay − plain) as multiples of the model's parameter bytes, for the demo model (memory
+modules and load the task, then either build its model and stop (``baseline``), build it and
+run one plain gradient evaluation over the collated data (``plain``: the raw work's own memory,
+mostly activations), or run a sync exact Simpson replay of the store, which builds its own
+model (``replay``; ``replay-no-param-lca`` with ``param_lca=False``). Reported: (replay −
+baseline) and (replay − plain) as multiples of the model's parameter bytes, for the demo model (memory
 dominated by activations) and for a parameter-heavy MLP (``TinyMLP`` with 3072-wide layers,
 10.2 M parameters, little data: the engine's per-parameter buffers dominate; at this size
 every (D,) buffer is above glibc's largest mmap threshold, 32 MiB, so freed buffers leave the
@@ -37,6 +38,8 @@ MLP = "replay.tasks.tiny_mlp:TinyMLP"
 MLP_ARGS = {"seed": 0, "features": 256, "hidden": 3072, "depth": 2, "classes": 4,
             "train_size": 256, "test_size": 64}
 ORIGINAL = 8 + 2 * 2 * 4 + 2 * 4  # float64 θ + float32 gradients (2 per step, 2 splits) + LCA
+# Replay modes of the memory measurement: name -> the run's param_lca setting.
+REPLAYS = {"replay": True, "replay-no-param-lca": False}
 
 
 def record_mlp(path: str, steps: int) -> str:
@@ -74,7 +77,8 @@ def child(mode: str, store: str, task_ref: str, task_args: dict, datasets: list[
     torch.set_num_threads(1)
     warm_up()
     task = load_task(task_ref, task_args)
-    model = task.build_model().eval()
+    # A replay builds its own model: one more here would count against it.
+    model = task.build_model().eval() if mode not in REPLAYS else None
     if mode == "plain":
         items = task.datasets()
         bs = getattr(task, "eval_batch_size", 256)
@@ -82,11 +86,11 @@ def child(mode: str, store: str, task_ref: str, task_args: dict, datasets: list[
             for i in range(0, len(items[d]), bs):
                 loss, _ = task.loss(model, task.collate(items[d][i:i + bs]))
                 loss.backward()
-    elif mode == "replay":
+    elif mode in REPLAYS:
         shutil.rmtree(out, ignore_errors=True)  # a complete cube would make this a no-op
         replay.run(store, task=task_ref, task_args=task_args, datasets=datasets, out=out,
                    quadrature="simpson", scheduler="sync", threads=1, progress=False,
-                   groups=["tensor"])
+                   groups=["tensor"], param_lca=REPLAYS[mode])
     print(json.dumps({"maxrss": peak_rss()}))
 
 
@@ -110,18 +114,26 @@ def measure(mode: str, store: str, task_ref: str, task_args: dict, datasets, out
            "--datasets", ",".join(datasets), "--out", out]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=common.ROOT,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"})
-    return json.loads(res.stdout.strip().splitlines()[-1])["maxrss"]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    if "error" in got:
+        common.log(f"  ({mode}: the replay failed after its steps: {got['error']})")
+    return got["maxrss"]
 
 
 def memory(store, task_ref, task_args, datasets, out, param_bytes, repeats) -> dict:
-    """Median peak RSS per mode (interleaved), and the multiples of the parameter bytes."""
-    runs = {m: [] for m in ("baseline", "plain", "replay")}
+    """Median peak RSS per mode (interleaved), and the multiples of the parameter bytes:
+    ``over_baseline``/``over_plain`` for the default replay, ``no_param_lca_over_*`` for
+    one with ``param_lca=False``."""
+    runs = {m: [] for m in ("baseline", "plain", *REPLAYS)}
     for _ in range(repeats):
         for m in runs:
             runs[m].append(measure(m, store, task_ref, task_args, datasets, out))
     med = {m: common.median(v) for m, v in runs.items()}
-    return {**med, "over_baseline": (med["replay"] - med["baseline"]) / param_bytes,
-            "over_plain": (med["replay"] - med["plain"]) / param_bytes}
+    ratios = {}
+    for m, prefix in (("replay", ""), ("replay-no-param-lca", "no_param_lca_")):
+        ratios[prefix + "over_baseline"] = (med[m] - med["baseline"]) / param_bytes
+        ratios[prefix + "over_plain"] = (med[m] - med["plain"]) / param_bytes
+    return {**med, **ratios}
 
 
 def main(argv=None) -> dict:
@@ -184,9 +196,11 @@ def main(argv=None) -> dict:
     for label, m, n in (("demo ToyNMT", demo_mem, n_params), ("TinyMLP 3072", mlp_mem, mlp_params)):
         common.log(f"{label} ({n:,} parameters = {4 * n / 2**20:.1f} MiB float32), 2 datasets, "
                    f"peak RSS: baseline {m['baseline'] / 2**20:.0f} MiB, plain evaluation "
-                   f"{m['plain'] / 2**20:.0f} MiB, replay {m['replay'] / 2**20:.0f} MiB")
+                   f"{m['plain'] / 2**20:.0f} MiB, replay {m['replay'] / 2**20:.0f} MiB, "
+                   f"without param_lca {m['replay-no-param-lca'] / 2**20:.0f} MiB")
         common.log(f"  replay − baseline = {m['over_baseline']:.1f} x parameter bytes; "
-                   f"replay − plain evaluation = {m['over_plain']:.1f} x parameter bytes")
+                   f"replay − plain evaluation = {m['over_plain']:.1f} x parameter bytes; "
+                   f"param_lca=False: {m['no_param_lca_over_plain']:.1f} x over plain")
     common.log(f"  demo cube on disk: {cube_bytes / 2**10:.0f} KiB for {args.replay_steps} steps")
     rows = [
         common.row("trajectory bytes per parameter per step", per, "<= 4.1", per <= 4.1,

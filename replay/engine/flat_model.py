@@ -84,6 +84,19 @@ class FlatModel:
             out[a:b].copy_(params[self.source[name]].reshape(-1))
         return out
 
+    def flatten_flats(self, flats: Mapping[torch.dtype, torch.Tensor], layout) -> torch.Tensor:
+        """θ from a trajectory's flat buffers (:meth:`Trajectory.walk_flat`): the buffer itself
+        when it already is this model's flat vector (one dtype, the replay's, same order, no
+        tied split, on this device), so θ is not held twice; else a copy (:meth:`flatten`).
+        The result is then shared with the walk: it is read, never written."""
+        if self._same_layout(layout) and flats[self.dtype].device == self.device:
+            return flats[self.dtype]
+        return self.flatten(layout.split(flats))
+
+    def _same_layout(self, layout) -> bool:
+        return (list(layout.groups) == [self.dtype] and layout.groups[self.dtype] == self.names
+                and all(self.source[n] == n for n in self.names))
+
     def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Frozen parameters and buffers recorded for this step (not integrated)."""
         with torch.no_grad():
@@ -112,5 +125,11 @@ class FlatModel:
         return self.names[i]
 
     def first_nonfinite(self, vec: torch.Tensor) -> str | None:
+        """The parameter holding ``vec``'s first non-finite element, or None."""
+        # A finite sum proves every element finite (a NaN or ±Inf makes it non-finite), in one
+        # pass without a (D,) mask; only a non-finite sum (which overflow alone can give) pays
+        # for the search.
+        if torch.isfinite(vec.sum()):
+            return None
         bad = (~torch.isfinite(vec)).nonzero()
         return None if bad.numel() == 0 else self.locate(int(bad[0, 0]))

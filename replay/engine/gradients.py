@@ -129,8 +129,14 @@ class LossOracle:
         batch = self.task.collate([items[int(i)] for i in indices])
         return to_device(batch, self.flat.device, self.flat.dtype)
 
-    def evaluate(self, need_grad: bool) -> Point:
-        """Loss (and gradient when ``need_grad``) at the FlatModel's current θ."""
+    def evaluate(self, need_grad: bool, take=None) -> Point:
+        """Loss (and gradient when ``need_grad``) at the FlatModel's current θ.
+
+        ``take(d, g)``, when given, receives dataset d's gradient as soon as it is computed,
+        in the FlatModel's own gradient buffer (valid until the next dataset's backward pass),
+        and returns what the Point keeps of it (a tensor, or None); without it the Point keeps
+        a copy of each gradient.
+        """
         losses = np.empty(len(self.names))
         grads = [] if need_grad else None
         model = self.flat.model
@@ -153,5 +159,10 @@ class LossOracle:
             losses[d] = total / count
             if need_grad:
                 self.flat.check_bound()
-                grads.append(self.flat.grad / count)
+                if take is None:
+                    grads.append(self.flat.grad / count)
+                else:  # divided in place: the same rounding as the copy above
+                    grads.append(take(d, self.flat.grad.div_(count)))
+        if grads is not None and all(g is None for g in grads):
+            grads = None
         return Point(losses, grads)

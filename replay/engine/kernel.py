@@ -4,7 +4,8 @@ For one tensor, one dataset and one replayed interval the engine holds the quadr
 mean gradient ``gbar`` and the update ``delta`` (both flattened, length n). LCA per element is
 ``delta[i] * gbar[i]`` (docs/design.md §5). One pass over memory does everything the cube needs:
 
-- ``cum[i] += lca[i]``           per-parameter cumulative LCA (float64, in place)
+- ``cum[i] += lca[i]``           per-parameter cumulative LCA (float64, in place; skipped
+                                 when ``cum`` has length 0)
 - ``row_sum[r] = Σ lca``         over the elements of row r (``[starts[r], starts[r+1])``)
 - ``row_neg[r] = #{lca < 0}``    "helped" counts (negative LCA lowered the loss)
 
@@ -51,6 +52,9 @@ _PARALLEL_LOCK = threading.Lock()
 
 @njit(cache=True, nogil=True)
 def _row(gbar, delta, cum, start, stop):
+    # Loop-invariant, so the compiler unswitches it: one kernel serves both uses, and the
+    # sums do not depend on it.
+    keep = cum.shape[0] != 0
     s0 = 0.0
     s1 = 0.0
     s2 = 0.0
@@ -62,10 +66,11 @@ def _row(gbar, delta, cum, start, stop):
         d1 = np.float64(delta[i + 1]) * np.float64(gbar[i + 1])
         d2 = np.float64(delta[i + 2]) * np.float64(gbar[i + 2])
         d3 = np.float64(delta[i + 3]) * np.float64(gbar[i + 3])
-        cum[i] += d0
-        cum[i + 1] += d1
-        cum[i + 2] += d2
-        cum[i + 3] += d3
+        if keep:
+            cum[i] += d0
+            cum[i + 1] += d1
+            cum[i + 2] += d2
+            cum[i + 3] += d3
         s0 += d0
         s1 += d1
         s2 += d2
@@ -74,7 +79,8 @@ def _row(gbar, delta, cum, start, stop):
         i += _LANES
     while i < stop:
         d0 = np.float64(delta[i]) * np.float64(gbar[i])
-        cum[i] += d0
+        if keep:
+            cum[i] += d0
         s0 += d0
         neg += d0 < 0.0
         i += 1
@@ -109,7 +115,8 @@ def reduce_segments(gbar, delta, cum, starts) -> tuple[np.ndarray, np.ndarray]:
     """Fused LCA reduction over rows ``[starts[r], starts[r+1])``; updates ``cum`` in place.
 
     gbar, delta: 1-D contiguous float32 or float64 arrays, length n (dtypes may differ).
-    cum: 1-D contiguous float64 array, length n; ``cum += float64(delta) * float64(gbar)``.
+    cum: 1-D contiguous float64 array, length n (``cum += float64(delta) * float64(gbar)``)
+    or length 0 (no per-parameter sums kept).
     starts: int64[nrows + 1], non-decreasing, ``starts[0] == 0``, ``starts[-1] == n``.
     Returns ``(row_sum float64[nrows], row_neg int64[nrows])``; bit-identical for any thread
     count. One launch covers a whole flat parameter vector (many tensors, each cut into rows).
@@ -150,7 +157,7 @@ def _check(gbar, delta, cum) -> int:
             raise TypeError(f"{label} must be a 1-D C-contiguous numpy array")
         if a.dtype.type not in kinds:
             raise TypeError(f"{label} has dtype {a.dtype}, expected one of {kinds}")
-    if not (gbar.shape == delta.shape == cum.shape):
+    if not (gbar.shape == delta.shape and cum.shape in (gbar.shape, (0,))):
         raise ValueError(f"length mismatch: gbar {gbar.shape}, delta {delta.shape}, cum {cum.shape}")
     if not cum.flags.writeable:
         raise ValueError("cum must be writeable (it is updated in place)")
@@ -200,7 +207,8 @@ class Reducer:
         out_sum, out_neg = reducer.reduce_flat(gbar, delta, cum)
 
     gbar/delta: float32/float64 [D], the tensors of ``shapes`` concatenated in order
-    (``D = Σ numel``), numpy or CPU torch; cum: float64 [D], updated in place.
+    (``D = Σ numel``), numpy or CPU torch; cum: float64 [D], updated in place, or [0] to
+    keep no per-parameter sums.
     """
 
     def __init__(self, groupings: Sequence, shapes: Mapping[str, Sequence[int]],
@@ -236,8 +244,8 @@ class Reducer:
             out_sum, out_neg = self.zeros()
         starts, row_group = self.flat_plan()
         gbar, delta, cum = _flat(gbar, "gbar"), _flat(delta, "delta"), _flat(cum, "cum")
-        if cum.shape[0] != starts[-1]:
-            raise ValueError(f"flat vectors have {cum.shape[0]} elements, but the tensors of "
+        if gbar.shape[0] != starts[-1]:
+            raise ValueError(f"flat vectors have {gbar.shape[0]} elements, but the tensors of "
                              f"`shapes` hold {int(starts[-1])}")
         row_sum, row_neg = reduce_segments(gbar, delta, cum, starts)
         for seg in row_group:

@@ -120,24 +120,27 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
         "loss": np.full((n, nd), np.nan), "loss_next": np.full((n, nd), np.nan),
         "residual": np.full((n, nd), np.nan), "splits": np.zeros(n, np.int64),
     }
-    cum = [np.zeros(flat.size, dtype=np.float64) for _ in range(nd)]
+    # Per-parameter sums; without param_lca a length-0 array tells the kernel to skip them.
+    cum = [np.zeros(flat.size if s.param_lca else 0, dtype=np.float64) for _ in range(nd)]
     evaluations = forwards = 0
     exact = s.gradient == "exact"
     t0 = int(spec.steps[i0])
-    walk = rt.traj.walk(t0, int(spec.step_ends[i1 - 1]))
+    layout = rt.traj.layout
+    walk = rt.traj.walk_flat(t0, int(spec.step_ends[i1 - 1]))
     first, params, state0 = next(walk)
     if first != t0:
         raise ReplayError(f"trajectory {spec.trajectory} has no recorded step {t0}")
     prev: Point | None = None
     try:
-        theta0 = _flatten_checked(flat, params, t0)
+        theta0 = _flatten_checked(flat, params, layout, t0)
     except _NonFinite as err:
         if s.nonfinite != "skip":
             raise ReplayError(str(err)) from None
-        theta0 = flat.flatten(params)
+        theta0 = flat.flatten_flats(params, layout)
     carry, rt.carry = rt.carry, None
     if exact and carry is not None and carry.matches(theta0, state0, s.threads):
         prev = carry.point
+    carry = None  # its θ and gradients must not outlive their use as this piece's start
     for j in range(n):
         t, t1 = int(spec.steps[i0 + j]), int(spec.step_ends[i0 + j])
         t_next, params, state = next(walk, (None, None, None))
@@ -146,9 +149,11 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
                               f"{t}, found {t_next}; run `lca verify` on it")
         theta1 = None
         try:
-            theta1 = _flatten_checked(flat, params, t1)
-            params = None  # theta1 holds θ_{t1}: the walk's copy need not live through the step
-            delta = theta1 - theta0
+            theta1 = _flatten_checked(flat, params, layout, t1)
+            params = None  # theta1 holds θ_{t1}: a converted copy need not live through the step
+            # Δ goes in the model's θ buffer, free until a point is set: only θ_t and θ_{t+1}
+            # are held through the evaluations, and Δ is formed again, exactly, for the sums.
+            delta = torch.sub(theta1, theta0, out=flat.theta)
             # [reliability] θ_t may be non-finite (skipped as the previous end point) while the
             # loss there is finite (e.g. an Inf bias under tanh): Δ then carries it; skip too.
             bad = flat.first_nonfinite(delta)
@@ -159,12 +164,13 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
                     "mark such steps and continue")
             flat.load_state(state0)
             oracle.prepare(t)
-            reuse = prev if exact else None
             last = j == n - 1
             res = integrate(
-                s.quadrature, _evaluator(flat, oracle, theta0, theta1, delta, t),
-                delta, start=reuse, end_grad=exact and not last,
+                s.quadrature, _Chord(flat, oracle, theta0, theta1, t),
+                theta1 - theta0 if s.quadrature == "adaptive" else None,
+                start=prev if exact else None, end_grad=exact and not last, keep_end=exact,
                 tolerance=s.tolerance, max_splits=s.max_splits)
+            delta, theta0 = torch.sub(theta1, theta0, out=flat.theta), None
             evaluations += res.evaluations
             forwards += res.forwards
             delta_np = _host(delta)
@@ -179,13 +185,15 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
             prev = res.end if (exact and same_state and res.end.grads is not None) else None
             if last and exact and res.end.grads is not None:
                 rt.carry = _Carry(theta1, state0, s.threads, res.end)
-            res = None  # frees this step's mean and start gradients before the next step's
+            # Frees this step's mean gradients and Δ before the next step's are made.
+            res = delta = delta_np = None
         except _NonFinite as err:
             if s.nonfinite != "skip":
                 raise ReplayError(str(err)) from None
             prev = None  # step stays NaN, splits 0: marked in the cube, done like the others
+            res = None
             if theta1 is None:
-                theta1 = flat.flatten(params)
+                theta1 = flat.flatten_flats(params, layout)
         theta0, state0 = theta1, state
     walk.close()
     delta = prev = None  # the writes below encode copies of cum: make room for them
@@ -204,8 +212,8 @@ class _NonFinite(Exception):
     pass
 
 
-def _flatten_checked(flat: FlatModel, params, step: int) -> torch.Tensor:
-    vec = flat.flatten(params)
+def _flatten_checked(flat: FlatModel, flats, layout, step: int) -> torch.Tensor:
+    vec = flat.flatten_flats(flats, layout)
     name = flat.first_nonfinite(vec)
     if name is not None:
         raise _NonFinite(
@@ -215,32 +223,43 @@ def _flatten_checked(flat: FlatModel, params, step: int) -> torch.Tensor:
     return vec
 
 
-def _evaluator(flat: FlatModel, oracle: LossOracle, theta0, theta1, delta, step):
-    def evaluate(s: float, need_grad: bool) -> Point:
+class _Chord:
+    """``evaluate(s, need_grad, take=None)`` for :func:`integrate`: the oracle at θ_t + sΔ,
+    every loss and gradient checked finite."""
+
+    def __init__(self, flat: FlatModel, oracle: LossOracle, theta0, theta1, step: int):
+        self.flat, self.oracle, self.step = flat, oracle, step
+        self.theta0, self.theta1 = theta0, theta1
+
+    def __call__(self, s: float, need_grad: bool, take=None) -> Point:
+        flat = self.flat
         with torch.no_grad():
             if s == 0.0:
-                flat.theta.copy_(theta0)
+                flat.theta.copy_(self.theta0)
             elif s == 1.0:
-                flat.theta.copy_(theta1)
-            else:
-                torch.add(theta0, delta, alpha=s, out=flat.theta)
-        point = oracle.evaluate(need_grad)
-        for d, name in enumerate(oracle.names):
-            bad = None
-            if not np.isfinite(point.loss[d]):
-                bad = "the loss"
-            elif need_grad:
-                tensor = flat.first_nonfinite(point.grads[d])
-                bad = None if tensor is None else f"the gradient of {tensor!r}"
+                flat.theta.copy_(self.theta1)
+            else:  # θ_t + sΔ with Δ = θ_{t+1} − θ_t formed in place: no buffer held for Δ
+                torch.sub(self.theta1, self.theta0, out=flat.theta)
+                torch.add(self.theta0, flat.theta, alpha=s, out=flat.theta)
+        bad_grad: dict[int, str] = {}
+
+        def checked(d: int, g: torch.Tensor):
+            # Checked as it arrives: ``take`` may fold it away, or the next dataset reuse g.
+            tensor = flat.first_nonfinite(g)
+            if tensor is not None:
+                bad_grad[d] = f"the gradient of {tensor!r}"
+            return g.clone() if take is None else take(d, g)
+
+        point = self.oracle.evaluate(need_grad, checked if need_grad else None)
+        for d, name in enumerate(self.oracle.names):
+            bad = "the loss" if not np.isfinite(point.loss[d]) else bad_grad.get(d)
             if bad:
                 raise _NonFinite(
-                    f"{bad} is not finite on dataset {name!r} at step {step} (s={s:g} along the "
-                    "update); pass nonfinite='skip' (CLI --nonfinite skip) to mark such steps "
-                    "and continue"
+                    f"{bad} is not finite on dataset {name!r} at step {self.step} (s={s:g} "
+                    "along the update); pass nonfinite='skip' (CLI --nonfinite skip) to mark "
+                    "such steps and continue"
                 )
         return point
-
-    return evaluate
 
 
 def _host(x: torch.Tensor) -> np.ndarray:

@@ -52,25 +52,32 @@ class StepIntegral:
 
 def integrate(
     name: str,
-    evaluate: Callable[[float, bool], Point],
-    delta: torch.Tensor,
+    evaluate: Callable[..., Point],
+    delta: torch.Tensor | None,
     *,
     start: Point | None = None,
     end_grad: bool = True,
+    keep_end: bool = True,
     tolerance: float = 1e-3,
     max_splits: int = 32,
 ) -> StepIntegral:
     """Integrate the gradient along θ_t → θ_t + Δ with the named rule.
 
-    ``start`` is reused when given (the previous interval's end, same data and state). The
-    end point is always evaluated (its loss is ``loss_next``); ``end_grad=False`` lets a rule
-    that does not need the end gradient skip the backward pass there.
+    ``evaluate(s, need_grad, take=None)`` is a :meth:`LossOracle.evaluate` at θ_t + sΔ: with
+    ``take``, each dataset's gradient is handed to it in a scratch buffer instead of kept.
+    ``delta`` (Δ) serves adaptive's residual test only; the fixed rules take None.
+
+    ``start`` is reused when given (the previous interval's end, same data and state); its
+    gradient buffers then become this interval's mean gradients (they serve nothing else).
+    The end point is always evaluated (its loss is ``loss_next``); ``end_grad=False`` lets
+    first-order skip the backward pass there, and ``keep_end=False`` lets the other rules fold
+    the end gradients into the mean without keeping them (``end.grads`` is then None).
     """
     evaluations = forwards = 0
 
-    def point(s: float, need_grad: bool) -> Point:
+    def point(s: float, need_grad: bool, take=None) -> Point:
         nonlocal evaluations, forwards
-        p = evaluate(s, need_grad)
+        p = evaluate(s, need_grad) if take is None else evaluate(s, need_grad, take)
         if need_grad:
             evaluations += 1
         else:
@@ -83,21 +90,41 @@ def integrate(
         end = point(1.0, end_grad)
         # The start gradients themselves: nothing writes into a mean gradient.
         return StepIntegral(list(start.grads), start, end, 1, evaluations, forwards)
+    if name == "adaptive":
+        gbar, end, n = _adaptive(point, start, delta, tolerance, max_splits)
+        return StepIntegral(gbar, start, end, n, evaluations, forwards)
 
-    end = point(1.0, True)
+    # The mean is built in the start gradients' buffers as each gradient arrives, so a
+    # worker's peak is 2 gradients per dataset (this sum and the kept end), not 3 or 4.
+    # Each in-place step rounds as the expression it replaces: addition commutes, and the
+    # products by 4 (Simpson's midpoint weight) are exact.
+    sums = start.grads
+
+    def add_end(d: int, g: torch.Tensor) -> torch.Tensor | None:
+        kept = g.clone() if keep_end else None
+        sums[d].add_(g)  # a + b
+        return kept
+
+    end = point(1.0, True, add_end)
     if name == "trapezoid":
-        gbar = [(a + b).mul_(0.5) for a, b in zip(start.grads, end.grads)]
+        gbar = [g.mul_(0.5) for g in sums]  # (a + b)·0.5
         return StepIntegral(gbar, start, end, 1, evaluations, forwards)
 
+    def add_mid(d: int, g: torch.Tensor) -> None:
+        sums[d].add_(g.mul_(4.0))  # 4·m + (a + b)
+
+    point(0.5, True, add_mid)
+    gbar = [g.add_(0.0).div_(6.0) for g in sums]  # as _simpson_into with no even terms, n = 2
+    return StepIntegral(gbar, start, end, 2, evaluations, forwards)
+
+
+def _adaptive(point, start: Point, delta: torch.Tensor, tolerance: float, max_splits: int):
+    """Composite Simpson, doubled until the worst residual is within ``tolerance``:
+    ``(gbar, end, n)``."""
+    end = point(1.0, True)
     mid = point(0.5, True)
     # Composite Simpson with n sub-intervals: (1/3n)[g0 + gn + 4·Σ odd + 2·Σ even interior].
     n = 2
-    if name == "simpson":
-        # The midpoint's gradients serve only here, so the mean is built in their buffers,
-        # one dataset at a time: a worker's peak is 3 gradients per dataset (start, end, mid).
-        gbar = [_simpson_into(m, a + b, m, None, n)
-                for a, b, m in zip(start.grads, end.grads, mid.grads)]
-        return StepIntegral(gbar, start, end, n, evaluations, forwards)
     ends = [a + b for a, b in zip(start.grads, end.grads)]
     odd, even = list(mid.grads), None
     gbar = [_simpson_into(torch.empty_like(e), e, o, None, n) for e, o in zip(ends, odd)]
@@ -114,7 +141,7 @@ def integrate(
                 acc += g
         for out, e, o, v in zip(gbar, ends, odd, even):
             _simpson_into(out, e, o, v, n)
-    return StepIntegral(gbar, start, end, n, evaluations, forwards)
+    return gbar, end, n
 
 
 def _simpson_into(out: torch.Tensor, ends: torch.Tensor, odd: torch.Tensor,

@@ -47,6 +47,29 @@ class FlatLayout:
             out[name] = flats[dtype][start:end].view(shape)
         return out
 
+    def gather(self, params: dict[str, torch.Tensor]) -> Flats:
+        """``params`` (name -> tensor of its dtype) copied into fresh flat buffers."""
+        flats = {d: torch.empty(self.size(d), dtype=d) for d in self.groups}
+        for name, view in self.split(flats).items():
+            view.copy_(params[name])
+        return flats
+
+    def apply_delta(self, prev: Flats, payload: dict[str, torch.Tensor]) -> Flats:
+        """θ_next in fresh flat buffers from θ_t's (``prev``) and a checked per-parameter delta
+        payload: :func:`replay.store.codec.apply_delta`'s arithmetic, written in place."""
+        flats = {d: torch.empty(self.size(d), dtype=d) for d in self.groups}
+        start, out = self.split(prev), self.split(flats)
+        for name, recon in out.items():
+            delta = payload[name]
+            if delta.dtype == recon.dtype:
+                torch.add(start[name], delta, out=recon)
+            else:
+                recon.copy_((start[name].to(delta.dtype) + delta).to(recon.dtype))
+            idx = payload.get(name + FIX_IDX)
+            if idx is not None:
+                recon.view(-1)[idx] = payload[name + FIX_VAL]
+        return flats
+
     def decode_delta(self, payload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | str:
         """A format-2 delta file as the per-parameter payload that :func:`codec.apply_delta`
         takes (views, no copy), or a one-line description of what is wrong with it.

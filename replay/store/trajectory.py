@@ -18,10 +18,10 @@ import safetensors.torch
 import torch
 
 from replay.store.codec import (
-    PARAM_DTYPES, STATE_DTYPES, apply_delta, check_delta_payload, check_tensors, header_metadata,
+    PARAM_DTYPES, STATE_DTYPES, check_delta_payload, check_tensors, header_metadata,
 )
 from replay.errors import TrajectoryError
-from replay.store.flat_layout import FlatLayout
+from replay.store.flat_layout import FlatLayout, Flats
 from replay.store.manifest import (FORMAT_VERSION, MANIFEST, Source, digest_problem,
                                    read_manifest)
 from replay.store.rebuild import RebuildPlan
@@ -43,7 +43,7 @@ class Trajectory:
     trainable parameters, canonical order), ``shapes``, ``dtypes``, ``aliases`` (tied alias ->
     canonical name), ``state_names`` (frozen parameters and buffers), ``steps`` (ascending),
     ``keyframe_steps``, ``mode``, ``every``, ``keyframe_every``, ``task``, ``task_args``.
-    Returned tensors are fresh copies owned by the caller.
+    Returned tensors are fresh copies owned by the caller (:meth:`walk_flat` shares its own).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -67,9 +67,9 @@ class Trajectory:
         self.keyframe_steps = self.plan.keyframes
         self._param_shapes = {n: self.shapes[n] for n in self.names}
         self.format_version = m["format_version"]
-        self._layout = FlatLayout([(n, self.shapes[n], self.dtypes[n]) for n in self.names])
+        self.layout = FlatLayout([(n, self.shapes[n], self.dtypes[n]) for n in self.names])
         self._state_shapes = {n: self.shapes[n] for n in self.state_names}
-        self._cache: tuple[int, Tensors, Tensors] | None = None   # last reconstructed step
+        self._cache: tuple[int, Flats, Tensors] | None = None   # last reconstructed step
 
     def __repr__(self) -> str:
         span = f"{self.steps[0]}..{self.steps[-1]}" if self.steps else "none"
@@ -168,7 +168,7 @@ class Trajectory:
             problem = f"belongs to step {meta['step']}, not {step}"
         elif role == "delta":
             if self.format_version >= 2:      # one flat Δ per dtype group, cut per parameter
-                tensors = self._layout.decode_delta(tensors)
+                tensors = self.layout.decode_delta(tensors)
             problem = (tensors if isinstance(tensors, str)
                        else check_delta_payload(tensors, self._param_shapes, self.dtypes))
         elif role == "keyframe":
@@ -200,32 +200,40 @@ class Trajectory:
             f"{', '.join(map(str, near))} (recorded: {len(self.steps)} steps "
             f"{self.steps[0]}..{self.steps[-1]}, every {self.every})")
 
-    def _advance(self, t: int, params: Tensors, state: Tensors) -> tuple[int, Tensors, Tensors]:
+    # θ is held as one flat buffer per dtype (``layout``), each step's in fresh buffers: what a
+    # walk hands out stays valid, and a replay can take a buffer as its θ without a copy.
+    def _advance(self, t: int, flats: Flats, state: Tensors) -> tuple[int, Flats, Tensors]:
         """From θ_t to the next recorded step, by the store's :class:`RebuildPlan`."""
         nxt = self.next_step(t)
         source = self.plan.params(nxt, t)
         if source.role == "keyframe":
-            params = self.load(nxt, "keyframe")
+            flats = self.layout.gather(self.load(nxt, "keyframe"))
         else:
-            params = apply_delta(params, self.load(t, "delta"))
-        return nxt, params, self._state_at(nxt, state)
+            flats = self.layout.apply_delta(flats, self.load(t, "delta"))
+        return nxt, flats, self._state_at(nxt, state)
 
-    def _start(self, t: int) -> tuple[int, Tensors, Tensors]:
+    def _start(self, t: int) -> tuple[int, Flats, Tensors]:
         """A reconstructed step ≤ t to walk from: the cached step if closer than the keyframe."""
         k = self.plan.start(t)
         if self._cache is not None and k <= self._cache[0] <= t:
             return self._cache
-        return k, self.load(k, "keyframe"), self._state_at(k, None)
+        return k, self.layout.gather(self.load(k, "keyframe")), self._state_at(k, None)
 
-    def _walk(self, start: int, stop: int) -> Iterator[tuple[int, Tensors, Tensors]]:
-        t, params, state = self._start(start)
+    def _walk(self, start: int, stop: int) -> Iterator[tuple[int, Flats, Tensors]]:
+        t, flats, state = self._start(start)
         while True:
-            self._cache = (t, params, state)
+            self._cache = (t, flats, state)
             if t >= start:
-                yield t, params, state
+                yield t, flats, state
             if t >= stop or self.next_step(t) is None:
                 return
-            t, params, state = self._advance(t, params, state)
+            t, flats, state = self._advance(t, flats, state)
+
+    def _span(self, start: int | None, stop: int | None) -> tuple[int, int]:
+        start = self.steps[0] if start is None else start
+        stop = self.steps[-1] if stop is None else stop
+        self._check_step(start)
+        return start, stop
 
     def walk(self, start: int | None = None, stop: int | None = None
              ) -> Iterator[tuple[int, Tensors, Tensors]]:
@@ -237,17 +245,23 @@ class Trajectory:
         """
         if not self.steps:
             return
-        start = self.steps[0] if start is None else start
-        stop = self.steps[-1] if stop is None else stop
-        self._check_step(start)
-        for t, params, state in self._walk(start, stop):
-            yield t, _copy(params), _copy(state)
+        for t, flats, state in self._walk(*self._span(start, stop)):
+            yield t, _copy(self.layout.split(flats)), _copy(state)
+
+    def walk_flat(self, start: int | None = None, stop: int | None = None
+                  ) -> Iterator[tuple[int, Flats, Tensors]]:
+        """:meth:`walk` yielding θ_t as ``layout``'s flat buffers (dtype -> (n,) tensor, the
+        parameters of that dtype in manifest order) and the state, without copies: they are
+        shared with the walk and the next walk's start, so callers must not modify them."""
+        if not self.steps:
+            return
+        yield from self._walk(*self._span(start, stop))
 
     def params(self, t: int) -> Tensors:
         """θ_t: name -> CPU tensor (recorded shape and dtype), bit-exact."""
         self._check_step(t)
-        for _, params, _ in self._walk(t, t):
-            return _copy(params)
+        for _, flats, _ in self._walk(t, t):
+            return _copy(self.layout.split(flats))
         raise AssertionError("unreachable")
 
     def state(self, t: int) -> Tensors:
