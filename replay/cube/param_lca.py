@@ -4,6 +4,10 @@ Each replayed piece of steps writes its partial sums (Σ over its steps, per ele
 dataset) to ``param_lca_parts/<dataset>/<i0>-<i1>``; once every step is done they are added in
 step order into ``param_lca/<dataset>``, flat in the trajectory's parameter order, with the
 names and shapes as attributes. :func:`load_param_lca` gives them back as tensors.
+
+These arrays are stored uncompressed: float64 sums of products barely compress, and on a
+model of tens of millions of parameters compressing them cost more than its replay's
+gradient evaluations.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ def finalize(writer, datasets, names, shapes) -> bool:
                 total += row
             arr = writer.root.require_group(PARAMS).create_array(
                 name, shape=total.shape, dtype="f8", chunks=(min(total.size, 1 << 22),),
-                overwrite=True, attributes={"complete": False})
+                compressors=None, overwrite=True, attributes={"complete": False})
             arr[:] = total
             arr.attrs.update(names=list(names), shapes=[list(shapes[k]) for k in names],
                              complete=True)
@@ -118,7 +122,8 @@ def write_param_part(path: str, dataset: str, i0: int, i1: int, values: np.ndarr
     """Called by a replay task: its steps' per-element LCA sums (D,) for one dataset."""
     group = zarr.open_group(path, mode="r+", path=f"{PARTS}/{dataset}", use_consolidated=False)
     arr = group.create_array(f"{i0:09d}-{i1:09d}", shape=values.shape, dtype="f8",
-                             chunks=(min(values.size, 1 << 22),), overwrite=True)
+                             chunks=(min(values.size, 1 << 22),), compressors=None,
+                             overwrite=True)
     arr[:] = values
 
 
@@ -129,7 +134,8 @@ def write_param_rows(root, dataset: str, edges: list[tuple[int, int]],
     group = root[f"{PARTS}/{dataset}"]
     size = rows[0].size
     arr = group.create_array(f"{edges[0][0]:09d}-{edges[-1][1]:09d}", shape=(len(rows), size),
-                             dtype="f8", chunks=(1, min(size, 1 << 22)), overwrite=True,
+                             dtype="f8", chunks=(1, min(size, 1 << 22)), compressors=None,
+                             overwrite=True,
                              attributes={"edges": [list(e) for e in edges]})
     arr[:] = np.stack(rows)
 

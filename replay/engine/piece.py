@@ -76,6 +76,7 @@ class _Runtime:
         # The last piece's end point (exact mode): when this worker next runs the piece that
         # starts there, its first gradient evaluation is reused instead of recomputed.
         self.carry: _Carry | None = None
+        self.sums: list[np.ndarray] | None = None  # see _sums
 
 
 @dataclass
@@ -120,8 +121,7 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
         "loss": np.full((n, nd), np.nan), "loss_next": np.full((n, nd), np.nan),
         "residual": np.full((n, nd), np.nan), "splits": np.zeros(n, np.int64),
     }
-    # Per-parameter sums; without param_lca a length-0 array tells the kernel to skip them.
-    cum = [np.zeros(flat.size if s.param_lca else 0, dtype=np.float64) for _ in range(nd)]
+    cum = _sums(rt, spec, nd, flat.size)
     evaluations = forwards = 0
     exact = s.gradient == "exact"
     t0 = int(spec.steps[i0])
@@ -206,6 +206,22 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
     out.update(i0=i0, i1=i1, evaluations=evaluations, forwards=forwards, parts=parts,
                seconds=time.perf_counter() - began)
     return out
+
+
+def _sums(rt: _Runtime, spec: Spec, nd: int, size: int) -> list[np.ndarray]:
+    """Per-parameter sums, one per dataset, zeroed; without param_lca a length-0 array tells
+    the kernel to skip them. Sums the task writes itself are reused by its next piece: on a big
+    model, first touching fresh pages of a new array costs as much as the reduction."""
+    if not spec.settings.param_lca:
+        return [np.zeros(0) for _ in range(nd)]
+    if spec.inline_parts:  # handed to the driver with the result: a fresh array each piece
+        return [np.zeros(size, dtype=np.float64) for _ in range(nd)]
+    if rt.sums is None or len(rt.sums) != nd or rt.sums[0].size != size:
+        rt.sums = [np.zeros(size, dtype=np.float64) for _ in range(nd)]
+    else:
+        for c in rt.sums:
+            c.fill(0.0)
+    return rt.sums
 
 
 class _NonFinite(Exception):
