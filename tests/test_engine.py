@@ -18,7 +18,8 @@ TASK = "replay.tasks.tiny_mlp:TinyMLP"
 ARGS = {"seed": 3, "train_size": 96, "test_size": 32}
 
 
-def record(path, steps=12, lr=0.05, keyframe_every=5, every=1, seed=3):
+def record(path, steps=12, lr=0.05, keyframe_every=5, every=1, seed=3, nan_after=None):
+    """A recorded TinyMLP run; ``nan_after``: the step after whose update one weight is NaN."""
     task = TinyMLP(**{**ARGS, "seed": seed})
     model = task.build_model()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -31,6 +32,9 @@ def record(path, steps=12, lr=0.05, keyframe_every=5, every=1, seed=3):
             (loss / n).backward()
             opt.step()
             opt.zero_grad()
+            if step == nan_after:
+                with torch.no_grad():
+                    next(model.parameters()).view(-1)[0] = float("nan")
             rec.step(loss=loss.item() / n)
     return path
 
@@ -274,21 +278,7 @@ def test_a_flush_cut_short_keeps_its_done_rows_and_redoes_the_rest(store, tmp_pa
 def test_an_error_keeps_the_pieces_that_finished_before_it(tmp_path):
     # θ turns NaN at step 9: the replay stops there, the pieces before it are in the cube
     # (written by the driver on the way out), and a rerun that skips such steps does the rest.
-    task = TinyMLP(**ARGS)
-    model = task.build_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    data = task.datasets()["train"]
-    path = str(tmp_path / "traj")
-    with replay.Recorder(model, path, task=TASK, task_args=ARGS) as rec:
-        for step in range(12):
-            loss, n = task.loss(model, task.collate(data[16 * (step % 6):16 * (step % 6) + 16]))
-            (loss / n).backward()
-            opt.step()
-            opt.zero_grad()
-            if step == 8:
-                with torch.no_grad():
-                    next(model.parameters()).view(-1)[0] = float("nan")
-            rec.step()
+    path = record(str(tmp_path / "traj"), nan_after=8)
     kw = dict(task=TASK, scheduler="sync", progress=False, chunk_size=2)
     out = str(tmp_path / "c.zarr")
     with pytest.raises(ReplayError, match="step 9 has non-finite"):
