@@ -93,15 +93,24 @@ def apply_delta(
 
     ``payload`` must already have passed :func:`check_delta_payload`.
     """
-    out: dict[str, torch.Tensor] = {}
-    for name, start in prev.items():
-        delta = payload[name]
+    return {name: reconstruct(start, payload, name) for name, start in prev.items()}
+
+
+def reconstruct(start: torch.Tensor, payload: dict[str, torch.Tensor], name: str,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """One parameter's θ_next from its θ_t (``start``) and a checked delta payload: a new
+    tensor, or written into ``out`` (start's shape and dtype) and returned."""
+    delta = payload[name]
+    if out is None:
         recon = (start.to(delta.dtype) + delta).to(start.dtype)
-        idx = payload.get(name + FIX_IDX)
-        if idx is not None:
-            recon.view(-1)[idx] = payload[name + FIX_VAL]
-        out[name] = recon
-    return out
+    elif delta.dtype == out.dtype:  # the same arithmetic, without the temporary
+        recon = torch.add(start, delta, out=out)
+    else:
+        recon = out.copy_((start.to(delta.dtype) + delta).to(out.dtype))
+    idx = payload.get(name + FIX_IDX)
+    if idx is not None:
+        recon.view(-1)[idx] = payload[name + FIX_VAL]
+    return recon
 
 
 def check_delta_payload(

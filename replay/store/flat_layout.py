@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from replay.store.codec import DTYPE_NAMES, FIX_IDX, FIX_VAL
+from replay.store.codec import DTYPE_NAMES, FIX_IDX, FIX_VAL, reconstruct
 
 Flats = dict[torch.dtype, torch.Tensor]
 
@@ -56,18 +56,11 @@ class FlatLayout:
 
     def apply_delta(self, prev: Flats, payload: dict[str, torch.Tensor]) -> Flats:
         """θ_next in fresh flat buffers from θ_t's (``prev``) and a checked per-parameter delta
-        payload: :func:`replay.store.codec.apply_delta`'s arithmetic, written in place."""
+        payload, each parameter by :func:`replay.store.codec.reconstruct`."""
         flats = {d: torch.empty(self.size(d), dtype=d) for d in self.groups}
-        start, out = self.split(prev), self.split(flats)
-        for name, recon in out.items():
-            delta = payload[name]
-            if delta.dtype == recon.dtype:
-                torch.add(start[name], delta, out=recon)
-            else:
-                recon.copy_((start[name].to(delta.dtype) + delta).to(recon.dtype))
-            idx = payload.get(name + FIX_IDX)
-            if idx is not None:
-                recon.view(-1)[idx] = payload[name + FIX_VAL]
+        start = self.split(prev)
+        for name, recon in self.split(flats).items():
+            reconstruct(start[name], payload, name, out=recon)
         return flats
 
     def decode_delta(self, payload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | str:
