@@ -16,8 +16,8 @@ import json
 
 import numpy as np
 import torch
-import zarr
 
+from replay.cube import zarr_files
 from replay.cube.schema import PARAMS, PARTS, quiet
 from replay.errors import CubeError
 
@@ -102,7 +102,12 @@ def finalize(writer, datasets, names, shapes) -> bool:
         for name in datasets:
             if parts is not None and name in parts:
                 del writer.root[f"{PARTS}/{name}"]
-        zarr.consolidate_metadata(writer.path)
+        if zarr_files.is_local(writer.path):
+            zarr_files.consolidate(writer.path)
+        else:
+            import zarr
+
+            zarr.consolidate_metadata(writer.path)
     finally:
         ctx.__exit__(None, None, None)
     return True
@@ -120,7 +125,7 @@ def _complete(root, dataset: str) -> bool:
 
 def write_param_part(path: str, dataset: str, i0: int, i1: int, values: np.ndarray) -> None:
     """Called by a replay task: its steps' per-element LCA sums (D,) for one dataset."""
-    group = zarr.open_group(path, mode="r+", path=f"{PARTS}/{dataset}", use_consolidated=False)
+    group = zarr_files.open_root(path, mode="r+")[f"{PARTS}/{dataset}"]
     arr = group.create_array(f"{i0:09d}-{i1:09d}", shape=values.shape, dtype="f8",
                              chunks=(min(values.size, 1 << 22),), compressors=None,
                              overwrite=True)
@@ -133,8 +138,11 @@ def write_param_rows(root, dataset: str, edges: list[tuple[int, int]],
     each, as one array."""
     group = root[f"{PARTS}/{dataset}"]
     size = rows[0].size
+    # Rows share a chunk up to 2**22 values: on a small model every chunk file created (the
+    # file system's slowest operation here) would cost more than the piece's sums.
+    chunks = (min(len(rows), max(1, (1 << 22) // size)), min(size, 1 << 22))
     arr = group.create_array(f"{edges[0][0]:09d}-{edges[-1][1]:09d}", shape=(len(rows), size),
-                             dtype="f8", chunks=(1, min(size, 1 << 22)), compressors=None,
+                             dtype="f8", chunks=chunks, compressors=None,
                              overwrite=True,
                              attributes={"edges": [list(e) for e in edges]})
     arr[:] = np.stack(rows)
@@ -158,8 +166,8 @@ def load_param_lca(cube_path: str) -> dict[str, dict[str, torch.Tensor]]:
     Σ over every element of every parameter equals Σ_step Σ_group lca of any one grouping.
     """
     try:
-        root = zarr.open_group(cube_path, mode="r", use_consolidated=False)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        root = zarr_files.open_root(cube_path)
+    except (OSError, ValueError):
         raise CubeError(f"{cube_path} is not an LCA cube; run `lca replay` to make one") from None
     if _settings(root).get("param_lca", True) is False:
         raise CubeError(f"{cube_path} was replayed with param_lca=False (CLI --no-param-lca) and "

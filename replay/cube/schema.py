@@ -109,14 +109,26 @@ def build(coords: Coords, data: Mapping[str, Any] | None = None,
             if values.shape != shape:
                 raise ValueError(f"{name}: shape {values.shape}, the schema needs {shape}")
         out[name] = (var.dims, values, dict(var.attrs))
+    return xr.Dataset(out, coords=coordinate_values(coords), attrs=dict(attrs or {}))
+
+
+def coordinate_values(coords: Coords) -> dict[str, tuple[str, np.ndarray]]:
+    """{name: (dimension, values)} of every coordinate in :data:`COORDS`."""
     labels = {"group": coords.labels, "grouping": coords.groupings, "dataset": coords.datasets}
     numbers = {"step": coords.steps, "step_end": coords.step_ends, "group_size": coords.sizes}
-    coord_values = {}
+    out = {}
     for name, (dim, dtype) in COORDS.items():
         values = np.array(labels[name], dtype=object) if dtype == "str" else \
             np.asarray(numbers[name], dtype=np.int64)
-        coord_values[name] = (dim, values)
-    return xr.Dataset(out, coords=coord_values, attrs=dict(attrs or {}))
+        out[name] = (dim, values)
+    return out
+
+
+def coordinates_attribute(dims: tuple[str, ...]) -> str:
+    """What xarray stores as a variable's ``coordinates`` attribute: the non-index
+    coordinates along its dimensions, sorted."""
+    return " ".join(sorted(name for name, (dim, _) in COORDS.items()
+                           if name != dim and dim in dims))
 
 
 def check(ds: xr.Dataset, where: str = "cube") -> None:

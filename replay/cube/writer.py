@@ -18,7 +18,9 @@ import uuid
 import numpy as np
 import zarr
 
-from replay.cube.schema import FLOAT_VARIABLES, PARTS, VARIABLES, Coords, build, quiet
+from replay.cube import zarr_files
+from replay.cube.schema import (COORDS, FLOAT_VARIABLES, PARTS, VARIABLES, Coords, build,
+                                coordinate_values, coordinates_attribute, quiet)
 from replay.errors import CubeError
 
 # Settings that do not change any number in the cube, so a cube may be resumed with another
@@ -65,12 +67,21 @@ def _refuse_foreign(path: str) -> None:
                         "(or remove it if it is yours)")
 
 
-# A cube up to this many values is created from numpy arrays: quicker than building the dask
-# graph that keeps a bigger one from being held in memory (zarr skips the empty chunks either way).
+# A remote cube up to this many values is created from numpy arrays: quicker than building the
+# dask graph that keeps a bigger one from being held in memory (zarr skips the empty chunks
+# either way).
 _EAGER_VALUES = 1 << 22
+# How xarray marks a float variable's fill value (little-endian NaN, base64), kept in the
+# files written here so that a cube reads the same whichever way it was made.
+_NAN_FILL = "AAAAAAAA+H8="
 
 
 def _write_empty(path: str, layout: Coords, attrs: dict, parts: bool) -> None:
+    (_write_files if zarr_files.is_local(path) else _write_xarray)(path, layout, attrs, parts)
+
+
+def _write_xarray(path: str, layout: Coords, attrs: dict, parts: bool) -> None:
+    """The empty cube through xarray and zarr (a remote store)."""
     sizes = {"step": len(layout.steps), "group": len(layout.labels),
              "dataset": len(layout.datasets)}
     shapes = {name: tuple(sizes[d] for d in var.dims) for name, var in VARIABLES.items()}
@@ -95,10 +106,34 @@ def _write_empty(path: str, layout: Coords, attrs: dict, parts: bool) -> None:
         ctx.__exit__(None, None, None)
 
 
+def _write_files(path: str, layout: Coords, attrs: dict, parts: bool) -> None:
+    """The empty cube as files: the documents xarray's ``to_zarr`` writes for the schema
+    (coordinates in one chunk each, every variable empty so without chunk files)."""
+    root = zarr_files.Group.create(path, attributes=attrs)
+    sizes = {"step": len(layout.steps), "group": len(layout.labels),
+             "dataset": len(layout.datasets)}
+    for name, (dim, values) in coordinate_values(layout).items():
+        dtype = "str" if COORDS[name][1] == "str" else values.dtype
+        root.create_array(name, shape=values.shape, dtype=dtype, chunks=values.shape,
+                          compressors="zstd", dimension_names=[dim])[:] = values
+    for name, var in VARIABLES.items():
+        shape = tuple(sizes[d] for d in var.dims)
+        extra = {"coordinates": coordinates_attribute(var.dims)} \
+            if coordinates_attribute(var.dims) else {}
+        if name in FLOAT_VARIABLES:
+            extra["_FillValue"] = _NAN_FILL
+        root.create_array(name, shape=shape, dtype=var.dtype, chunks=(layout.chunk,) + shape[1:],
+                          compressors="zstd", fill_value=var.empty, dimension_names=var.dims,
+                          attributes={**var.attrs, **extra})
+    for name in layout.datasets if parts else ():
+        root.require_group(f"{PARTS}/{name}")
+    zarr_files.consolidate(path)
+
+
 def exists(path: str) -> bool:
     """True if a zarr group can be opened at ``path`` (a damaged one counts as absent)."""
     try:
-        zarr.open_group(path, mode="r")
+        zarr_files.open_root(path)
     except Exception:  # missing, or metadata that zarr cannot parse: not a cube either way
         return False
     return True
@@ -106,7 +141,7 @@ def exists(path: str) -> bool:
 
 def read_attrs(path: str) -> dict:
     try:
-        return dict(zarr.open_group(path, mode="r").attrs)
+        return dict(zarr_files.open_root(path).attrs)
     except Exception as err:  # a cube is data: whatever is wrong with it, say so in one line
         raise CubeError(f"{path} is not an LCA cube ({err}); run `lca replay` to make one") from None
 
@@ -118,7 +153,7 @@ def check_compatible(path: str, layout: Coords, settings: dict) -> None:
         raise CubeError(f"{path} is not an LCA cube (no 'settings' attribute); choose another --cube")
     try:
         theirs = json.loads(attrs["settings"])
-        root = zarr.open_group(path, mode="r", use_consolidated=False)
+        root = zarr_files.open_root(path)
         steps = np.asarray(root["step"][:])
         labels = tuple(str(x) for x in root["group"][:])
         chunk = root["done"].chunks[0]
@@ -147,7 +182,7 @@ def check_compatible(path: str, layout: Coords, settings: dict) -> None:
 
 def cube_chunk(path: str) -> int:
     try:
-        return int(zarr.open_group(path, mode="r")["done"].chunks[0])
+        return int(zarr_files.open_root(path)["done"].chunks[0])
     except Exception as err:
         raise CubeError(f"{path} is not a readable LCA cube ({type(err).__name__}: {err}); "
                         "choose another --cube, or delete it and replay again") from None
@@ -158,7 +193,7 @@ class CubeWriter:
 
     def __init__(self, path: str):
         self.path = path
-        self.root = zarr.open_group(path, mode="r+", use_consolidated=False)
+        self.root = zarr_files.open_root(path, mode="r+")
         self._arrays: dict = {}
 
     def _array(self, name: str):

@@ -20,7 +20,7 @@ import torch
 import xarray as xr
 
 from replay.cluster.executor import JOBQUEUE, executor
-from replay.cube import failure, param_lca, schema
+from replay.cube import failure, param_lca, schema, zarr_files
 from replay.cube import writer as cubes
 from replay.cube.buffer import INLINE_BYTES, ResultBuffer
 from replay.cube.lock import CubeLock
@@ -275,11 +275,10 @@ def execute(plan: Plan, pieces: list[tuple[int, int]], done: np.ndarray | None =
 
 
 def _summary(out, stats, selected, seconds, complete):
-    # numpy-backed: with dask arrays, a Client of the run's cluster would compute these few
-    # numbers through its scheduler, a noticeable share of a short replay's serial time.
-    ds = xr.open_zarr(out, chunks=None)
-    done = np.asarray(ds["done"].values, dtype=bool)
-    res = np.abs(ds["residual"].values[done & selected]) if done.any() else np.array([])
+    root = zarr_files.open_root(out)
+    done = np.asarray(root["done"][:], dtype=bool)
+    residual, splits = np.asarray(root["residual"][:]), np.asarray(root["splits"][:])
+    res = np.abs(residual[done & selected]) if done.any() else np.array([])
     res = res[np.isfinite(res)]
     if stats["steps"]:
         lines = [f"replayed {stats['steps']} step(s) on {stats['where']} in {seconds:.1f} s "
@@ -288,9 +287,10 @@ def _summary(out, stats, selected, seconds, complete):
         lines = [f"nothing to replay: the {int(selected.sum())} selected step(s) are already done"]
     lines.append(f"cube {out}: {int(done.sum())}/{done.size} steps done"
                  + ("" if complete else " (run again to fill the rest)"))
-    skipped = np.flatnonzero(done & selected & (np.asarray(ds["splits"].values) == 0))
+    skipped = np.flatnonzero(done & selected & (splits == 0))
     if skipped.size:
-        steps = ", ".join(str(int(ds["step"].values[i])) for i in skipped[:10])
+        starts = root["step"][:]
+        steps = ", ".join(str(int(starts[i])) for i in skipped[:10])
         lines.append(f"{skipped.size} step(s) skipped for non-finite values (lca NaN, splits 0): "
                      f"{steps}{' …' if skipped.size > 10 else ''}")
     if res.size:

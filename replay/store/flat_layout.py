@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from replay.store.codec import DTYPE_NAMES, FIX_IDX, FIX_VAL, reconstruct
+from replay.store.codec import DTYPE_NAMES, FIX_IDX, FIX_VAL, delta_dtype, reconstruct
 
 Flats = dict[torch.dtype, torch.Tensor]
 
@@ -61,6 +61,49 @@ class FlatLayout:
         start = self.split(prev)
         for name, recon in self.split(flats).items():
             reconstruct(start[name], payload, name, out=recon)
+        return flats
+
+    def flat_delta(self, payload: dict[str, torch.Tensor]
+                   ) -> dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None,
+                                                torch.Tensor | None]] | None:
+        """A format-2 delta file as its flat (Δ, fix indices, fix values) per dtype group, when
+        it passes every check of :meth:`decode_delta` and ``codec.check_delta_payload``; else
+        None, and those two name the problem."""
+        known = {f"{key}.{DTYPE_NAMES[d]}" for d in self.groups for key, _ in _FLAT_KEYS}
+        if not set(payload) <= known:
+            return None
+        out = {}
+        for dtype in self.groups:
+            tag, size = DTYPE_NAMES[dtype], self.size(dtype)
+            delta = payload.get(f"delta.{tag}")
+            if delta is None or delta.dim() != 1 or delta.numel() != size or \
+                    delta.dtype != delta_dtype(dtype):
+                return None
+            idx, val = payload.get(f"fix_idx.{tag}"), payload.get(f"fix_val.{tag}")
+            if (idx is None) != (val is None):
+                return None
+            if idx is not None and (
+                    idx.dtype != torch.int64 or idx.dim() != 1 or val.dtype != dtype
+                    or tuple(val.shape) != tuple(idx.shape)
+                    or idx.numel() and (bool((idx[1:] <= idx[:-1]).any()) or int(idx[0]) < 0
+                                        or int(idx[-1]) >= size)):
+                return None
+            out[dtype] = (delta, idx, val)
+        return out
+
+    def apply_flat(self, prev: Flats, parts) -> Flats:
+        """θ_next in fresh flat buffers from θ_t's and :meth:`flat_delta`'s parts: element by
+        element the arithmetic of :func:`~replay.store.codec.reconstruct`, in one operation
+        per dtype group instead of one per parameter."""
+        flats = {}
+        for dtype, (delta, idx, val) in parts.items():
+            if delta.dtype == dtype:
+                new = torch.add(prev[dtype], delta)
+            else:
+                new = (prev[dtype].to(delta.dtype) + delta).to(dtype)
+            if idx is not None:
+                new[idx] = val
+            flats[dtype] = new
         return flats
 
     def decode_delta(self, payload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | str:

@@ -209,8 +209,25 @@ class Trajectory:
         if source.role == "keyframe":
             flats = self.layout.gather(self.load(nxt, "keyframe"))
         else:
-            flats = self.layout.apply_delta(flats, self.load(t, "delta"))
+            parts = self._flat_delta(t)
+            flats = self.layout.apply_flat(flats, parts) if parts is not None else \
+                self.layout.apply_delta(flats, self.load(t, "delta"))
         return nxt, flats, self._state_at(nxt, state)
+
+    def _flat_delta(self, step: int):
+        """A format-2 delta file as flat parts (:meth:`FlatLayout.flat_delta`), or None: then
+        :meth:`load` reads it again, and names what is wrong if anything is."""
+        if self.format_version < 2:
+            return None
+        data = self.read_file(step, "delta")
+        try:
+            tensors = safetensors.torch.load(data)
+            meta = header_metadata(data)
+        except Exception:  # safetensors raises its own error types; load() explains them
+            return None
+        if meta.get("step") not in (None, str(step)):
+            return None
+        return self.layout.flat_delta(tensors)
 
     def _start(self, t: int) -> tuple[int, Flats, Tensors]:
         """A reconstructed step ≤ t to walk from: the cached step if closer than the keyframe."""

@@ -1,0 +1,385 @@
+"""The cube's zarr arrays read and written as plain files on a local disk (docs/design.md §7).
+
+zarr-python spends milliseconds of Python on every operation (metadata validation, its async
+codec pipeline, a hop to its event-loop thread). A replay makes about a hundred of them to
+create a cube, write its batches and add up the per-parameter sums, which on a model whose
+gradient evaluations take milliseconds cost more than the replay itself. The cube uses a small
+part of zarr v3 — regular chunks, the default ``c/…`` chunk keys, the ``bytes`` or
+``vlen-utf8`` serializer and an optional ``zstd`` — so on a local disk :class:`Group` and
+:class:`Array` handle those arrays directly: the same ``zarr.json`` documents and chunk bytes
+zarr writes (tests/test_zarr_files.py compares them), behind the part of zarr's
+Group/Array API the cube code uses. A remote store goes through zarr (:func:`open_root`), and
+so does a local array with any other codec.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import uuid
+from collections.abc import MutableMapping
+
+import numpy as np
+from numcodecs.vlen import VLenUTF8
+from numcodecs.zstd import Zstd
+
+ZARR_JSON = "zarr.json"
+ZSTD = {"name": "zstd", "configuration": {"level": 0, "checksum": False}}
+_ZSTD = Zstd(level=0, checksum=False)
+_VLEN = VLenUTF8()
+_TYPES = {"float64": np.dtype("<f8"), "int64": np.dtype("<i8"), "bool": np.dtype("bool"),
+          "string": np.dtype(object)}
+_SPECIAL = {"NaN": np.nan, "Infinity": np.inf, "-Infinity": -np.inf}
+
+
+def is_local(path: str) -> bool:
+    return "://" not in str(path)
+
+
+def open_root(path: str, mode: str = "r"):
+    """The cube's root group: a :class:`Group` on a local disk, zarr's own for a URL."""
+    if is_local(path):
+        return Group(path)
+    import zarr
+
+    return zarr.open_group(path, mode=mode, use_consolidated=False)
+
+
+def type_name(dtype) -> str:
+    """The zarr v3 ``data_type`` of a numpy dtype (or ``"str"``) the cube stores."""
+    if dtype in ("str", str):
+        return "string"
+    dt = np.dtype(dtype)
+    for name, known in _TYPES.items():
+        if dt == known and name != "string":
+            return name
+    raise TypeError(f"the cube stores no arrays of dtype {dt}")
+
+
+def array_doc(shape, chunks, dtype, fill_value, *, dims=None, attributes=None,
+              compressed: bool = True) -> dict:
+    """The ``zarr.json`` of an array, as zarr writes it for these parameters."""
+    name = type_name(dtype)
+    if name == "string":
+        serializer = {"name": "vlen-utf8", "configuration": {}}
+    elif _TYPES[name].itemsize == 1:
+        serializer = {"name": "bytes"}
+    else:
+        serializer = {"name": "bytes", "configuration": {"endian": "little"}}
+    doc = {"shape": [int(s) for s in shape], "data_type": name,
+           "chunk_grid": {"name": "regular",
+                          "configuration": {"chunk_shape": [int(c) for c in chunks]}},
+           "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+           "fill_value": _fill_json(name, fill_value),
+           "codecs": [serializer] + ([dict(ZSTD)] if compressed else []),
+           "attributes": dict(attributes or {})}
+    if dims is not None:
+        doc["dimension_names"] = list(dims)
+    doc.update(zarr_format=3, node_type="array", storage_transformers=[])
+    return doc
+
+
+def group_doc(attributes=None) -> dict:
+    return {"attributes": dict(attributes or {}), "zarr_format": 3, "node_type": "group"}
+
+
+def _fill_json(name: str, value):
+    if name == "float64":
+        value = float(value)
+        if np.isnan(value):
+            return "NaN"
+        return "Infinity" if value == np.inf else "-Infinity" if value == -np.inf else value
+    return {"int64": int, "bool": bool, "string": str}[name](value)
+
+
+def read_json(path: str) -> dict:
+    with open(path, "rb") as f:
+        doc = json.loads(f.read())
+    if not isinstance(doc, dict) or doc.get("zarr_format") != 3:
+        raise ValueError(f"{path} is not zarr v3 metadata")
+    return doc
+
+
+def write_file(path: str, data) -> None:
+    """Atomically, as zarr's local store does: a reader sees the old file or the new one."""
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, doc: dict) -> None:
+    # Compact: zarr indents its documents, but json's C encoder only runs without indent, and
+    # a replay writes dozens of these documents on its short critical path.
+    write_file(path, json.dumps(doc, allow_nan=True).encode())
+
+
+class Attributes(MutableMapping):
+    """A node's attributes; every change rewrites its ``zarr.json``."""
+
+    def __init__(self, node):
+        self._node = node
+
+    def _doc(self) -> dict:
+        return self._node.doc["attributes"]
+
+    def __getitem__(self, key):
+        return self._doc()[key]
+
+    def __iter__(self):
+        return iter(self._doc())
+
+    def __len__(self) -> int:
+        return len(self._doc())
+
+    def __setitem__(self, key, value) -> None:
+        self.update({key: value})
+
+    def __delitem__(self, key) -> None:
+        del self._doc()[key]
+        self._node.save()
+
+    def update(self, other=(), **kw) -> None:  # one rewrite, not one per key
+        self._doc().update(dict(other, **kw))
+        self._node.save()
+
+
+class Node:
+    def __init__(self, path: str, doc: dict | None = None):
+        self.path = path
+        self.doc = doc if doc is not None else read_json(os.path.join(path, ZARR_JSON))
+        self.attrs = Attributes(self)
+
+    def save(self) -> None:
+        write_json(os.path.join(self.path, ZARR_JSON), self.doc)
+
+
+class Array(Node):
+    """A local zarr v3 array of the cube's codecs; ``a[i0:i1]`` reads and writes along the
+    first axis (all of the others)."""
+
+    def __init__(self, path: str, doc: dict | None = None):
+        super().__init__(path, doc)
+        d = self.doc
+        codecs = [c["name"] for c in d["codecs"]]
+        if d.get("storage_transformers") or d["chunk_grid"]["name"] != "regular" or \
+                d["chunk_key_encoding"] != {"name": "default",
+                                            "configuration": {"separator": "/"}} or \
+                d["data_type"] not in _TYPES or codecs[1:] not in ([], ["zstd"]) or \
+                codecs[0] != ("vlen-utf8" if d["data_type"] == "string" else "bytes") or \
+                (len(codecs) == 2 and d["codecs"][1] != ZSTD) or \
+                d["codecs"][0].get("configuration", {}).get("endian", "little") != "little":
+            raise NotImplementedError(f"{path}: an array outside the cube's codecs")
+        self.shape = tuple(d["shape"])
+        self.chunks = tuple(d["chunk_grid"]["configuration"]["chunk_shape"])
+        self.ndim = len(self.shape)
+        self.dtype = _TYPES[d["data_type"]]
+        self._string = d["data_type"] == "string"
+        self._zstd = len(codecs) == 2
+        self._dirs: set[str] = set()  # chunk directories known to exist
+        fill = d["fill_value"]
+        self.fill_value = _SPECIAL.get(fill, fill) if d["data_type"] == "float64" else fill
+
+    def _range(self, key) -> tuple[int, int]:
+        if key is Ellipsis:
+            key = slice(None)
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise IndexError(f"{self.path}: only a[i0:i1] is supported")
+        i0, i1, _ = key.indices(self.shape[0])
+        return i0, max(i0, i1)
+
+    def _chunk_ids(self, i0: int, i1: int):
+        """(chunk index, its region in the array, the part [i0, i1) of it) for each chunk."""
+        axes = [range(i0 // self.chunks[0], -(-i1 // self.chunks[0]) if i1 > i0 else 0)]
+        axes += [range(-(-n // c)) for n, c in zip(self.shape[1:], self.chunks[1:])]
+        for idx in itertools.product(*axes):
+            lo = [k * c for k, c in zip(idx, self.chunks)]
+            hi = [min(a + c, n) for a, c, n in zip(lo, self.chunks, self.shape)]
+            yield idx, lo, hi
+
+    def _file(self, idx) -> str:
+        return os.path.join(self.path, "c", *map(str, idx))
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        raw = _ZSTD.decode(data) if self._zstd else data
+        if self._string:
+            return np.asarray(_VLEN.decode(raw), dtype=object).reshape(self.chunks)
+        return np.frombuffer(raw, dtype=self.dtype).reshape(self.chunks)
+
+    def _encode(self, block: np.ndarray):
+        raw = _VLEN.encode(np.asarray(block, dtype=object)) if self._string else \
+            memoryview(np.ascontiguousarray(block, dtype=self.dtype)).cast("B")
+        return _ZSTD.encode(raw) if self._zstd else raw
+
+    def _read_chunk(self, idx) -> np.ndarray | None:
+        try:
+            with open(self._file(idx), "rb") as f:
+                return self._decode(f.read())
+        except FileNotFoundError:
+            return None
+
+    def __getitem__(self, key) -> np.ndarray:
+        i0, i1 = self._range(key)
+        out = np.full((i1 - i0,) + self.shape[1:], self.fill_value, dtype=self.dtype)
+        for idx, lo, hi in self._chunk_ids(i0, i1):
+            block = self._read_chunk(idx)
+            if block is None:
+                continue
+            a, b = max(lo[0], i0), min(hi[0], i1)
+            inner = (slice(a - lo[0], b - lo[0]),) + tuple(
+                slice(0, h - l) for l, h in zip(lo[1:], hi[1:]))
+            out[(slice(a - i0, b - i0),) + tuple(slice(l, h) for l, h in
+                                                 zip(lo[1:], hi[1:]))] = block[inner]
+        return out
+
+    def __setitem__(self, key, values) -> None:
+        i0, i1 = self._range(key)
+        values = np.broadcast_to(np.asarray(values, dtype=self.dtype),
+                                 (i1 - i0,) + self.shape[1:])
+        for idx, lo, hi in self._chunk_ids(i0, i1):
+            a, b = max(lo[0], i0), min(hi[0], i1)
+            src = values[(slice(a - i0, b - i0),) + tuple(slice(l, h) for l, h in
+                                                          zip(lo[1:], hi[1:]))]
+            whole = a == lo[0] and b == hi[0]
+            if whole and src.shape == self.chunks:
+                block = src
+            else:  # a part of the chunk, or an edge chunk: zarr stores the whole chunk shape
+                old = None if whole else self._read_chunk(idx)
+                block = np.full(self.chunks, self.fill_value, dtype=self.dtype) \
+                    if old is None else old.copy()
+                block[(slice(a - lo[0], b - lo[0]),) + tuple(
+                    slice(0, h - l) for l, h in zip(lo[1:], hi[1:]))] = src
+            if self._zstd and _all_fill(block, self.fill_value):
+                # zarr's default (write_empty_chunks=False): an all-fill chunk is not stored
+                with_file = self._file(idx)
+                if os.path.exists(with_file):
+                    os.unlink(with_file)
+                continue
+            path = self._file(idx)
+            folder = os.path.dirname(path)
+            if folder not in self._dirs:
+                os.makedirs(folder, exist_ok=True)
+                self._dirs.add(folder)
+            write_file(path, self._encode(block))
+
+
+def _all_fill(block: np.ndarray, fill) -> bool:
+    if isinstance(fill, float) and np.isnan(fill):
+        return bool(np.isnan(block).all())
+    return bool((block == fill).all())
+
+
+class Group(Node):
+    """A local zarr v3 group with the part of ``zarr.Group``'s API the cube code uses."""
+
+    def __init__(self, path: str, doc: dict | None = None):
+        super().__init__(path, doc)
+        if self.doc.get("node_type") != "group":
+            raise ValueError(f"{path} is not a zarr group")
+
+    @classmethod
+    def create(cls, path: str, attributes=None) -> Group:
+        os.makedirs(path, exist_ok=True)
+        group = cls(path, group_doc(attributes))
+        group.save()
+        return group
+
+    def _node(self, key: str):
+        path = os.path.join(self.path, *key.split("/"))
+        doc = read_json(os.path.join(path, ZARR_JSON))
+        if doc.get("node_type") == "group":
+            return Group(path, doc)
+        try:
+            return Array(path, doc)
+        except NotImplementedError:  # another codec: zarr reads it
+            import zarr
+
+            return zarr.open_array(path, mode="r+")
+
+    def __getitem__(self, key: str):
+        try:
+            return self._node(key)
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def __contains__(self, key: str) -> bool:
+        return os.path.isfile(os.path.join(self.path, *key.split("/"), ZARR_JSON))
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        shutil.rmtree(os.path.join(self.path, *key.split("/")))
+
+    def _children(self, kind: str) -> list[str]:
+        out = []
+        for entry in sorted(os.listdir(self.path)):
+            meta = os.path.join(self.path, entry, ZARR_JSON)
+            if not entry.startswith(".") and os.path.isfile(meta) and \
+                    read_json(meta).get("node_type") == kind:
+                out.append(entry)
+        return out
+
+    def array_keys(self) -> list[str]:
+        return self._children("array")
+
+    def group_keys(self) -> list[str]:
+        return self._children("group")
+
+    def require_group(self, key: str) -> Group:
+        group = self
+        for part in key.split("/"):
+            path = os.path.join(group.path, part)
+            group = group[part] if part in group else Group.create(path)
+        return group
+
+    def create_array(self, name: str, *, shape, dtype, chunks, compressors=None,
+                     fill_value=None, overwrite: bool = False, attributes=None,
+                     dimension_names=None) -> Array:
+        """As ``zarr.Group.create_array`` for the cube's arrays: uncompressed
+        (``compressors=None``) or zstd (``compressors="zstd"``)."""
+        if compressors not in (None, "zstd"):
+            raise ValueError(f"{name}: compressors must be None or 'zstd'")
+        path = os.path.join(self.path, name)
+        if os.path.lexists(path):
+            if not overwrite:
+                raise FileExistsError(path)
+            shutil.rmtree(path)
+        kind = type_name(dtype)
+        fill = fill_value if fill_value is not None else \
+            {"float64": 0.0, "int64": 0, "bool": False, "string": ""}[kind]
+        os.makedirs(path)
+        arr = Array(path, array_doc(shape, chunks, dtype, fill, dims=dimension_names,
+                                    attributes=attributes, compressed=compressors == "zstd"))
+        arr.save()
+        return arr
+
+
+def consolidate(path: str) -> None:
+    """Write every node's metadata into the root's ``zarr.json``, as
+    ``zarr.consolidate_metadata`` does: xarray then opens the cube with one read."""
+    found = {}
+    for where, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "c")
+        if where == path or ZARR_JSON not in files:
+            continue
+        doc = read_json(os.path.join(where, ZARR_JSON))
+        if doc.get("node_type") == "group":
+            doc = {"attributes": doc.get("attributes", {}), "zarr_format": 3,
+                   "consolidated_metadata": {"kind": "inline", "must_understand": False,
+                                             "metadata": {}},
+                   "node_type": "group"}
+        else:
+            dirs[:] = []
+        found[os.path.relpath(where, path).replace(os.sep, "/")] = doc
+    root = read_json(os.path.join(path, ZARR_JSON))
+    root["consolidated_metadata"] = {
+        "kind": "inline", "must_understand": False,
+        "metadata": {k: found[k] for k in sorted(found, key=lambda k: (k.count("/"), k))}}
+    write_json(os.path.join(path, ZARR_JSON), root)
