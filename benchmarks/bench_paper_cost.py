@@ -56,6 +56,50 @@ class Training:
             torch.set_num_threads(saved)
 
 
+class ModelWork:
+    """The floor of such a replay: per step, θ_t into the model, forward and backward on the
+    step's sample, θ_{t+1} in, a forward for ``loss_next`` — the engine's own batches (drawn
+    and collated by ``replay.engine.gradients``) and parameters (read beforehand), in a plain
+    loop at 1 thread: what any replay must compute, without the engine around it."""
+
+    def __init__(self, task, store: str, steps: int, sample):
+        import replay
+        from replay.engine.gradients import plan_batches, sample_indices
+
+        self.task, self.model = task, task.build_model().eval()
+        self.params = dict(self.model.named_parameters())
+        traj = replay.open_trajectory(store)
+        self.thetas = [traj.params(t) for t in traj.steps[:steps + 1]]
+        items = task.datasets()["train"]
+        self.batches = []
+        for t in traj.steps[:steps]:
+            sample_idx = sample_indices(sample, "train", len(items), t)
+            self.batches.append([task.collate([items[int(i)] for i in idx]) for idx in
+                                 plan_batches(task, "train", items, 256, sample_idx[0])])
+
+    def _set(self, theta) -> None:
+        with torch.no_grad():
+            for name, value in theta.items():
+                self.params[name].copy_(value)
+
+    def steps(self, n: int) -> None:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for j in range(n):
+                self._set(self.thetas[j])
+                for p in self.params.values():
+                    p.grad = None
+                for batch in self.batches[j]:
+                    self.task.loss(self.model, batch)[0].backward()
+                self._set(self.thetas[j + 1])
+                with torch.no_grad():
+                    for batch in self.batches[j]:
+                        self.task.loss(self.model, batch)
+        finally:
+            torch.set_num_threads(saved)
+
+
 def compare(label: str, store: str, task_ref: str, task_args: dict, steps: int,
             batch_size: int, lr: float, repeats: int, work: str, target: float) -> dict:
     import replay
@@ -73,13 +117,17 @@ def compare(label: str, store: str, task_ref: str, task_args: dict, steps: int,
                    groups="tensor", out=out, progress=False, steps=f"0:{n}")
 
     training = Training(load_task(task_ref, task_args), batch_size, lr)
+    floor = ModelWork(load_task(task_ref, task_args), store, steps, sample)
     block = max(steps, 20)
     times = common.interleave({"replay": replay_once, "short": lambda: replay_once(short),
-                               "train": lambda: training.steps(block)},
+                               "train": lambda: training.steps(block),
+                               "floor": lambda: floor.steps(steps)},
                               repeats, warmup={"replay": replay_once,
-                                               "train": lambda: training.steps(10)})
+                                               "train": lambda: training.steps(10),
+                                               "floor": lambda: floor.steps(3)})
     per_replay = common.median(times["replay"]) / steps
     per_train = common.median(times["train"]) / block
+    per_floor = common.median(times["floor"]) / steps
     ratio = per_replay / per_train
     # The cost of one more step, without the run's fixed costs (planning, the cube, final sums)
     marginal = (common.median(times["replay"]) - common.median(times["short"])) / (steps - short)
@@ -90,6 +138,9 @@ def compare(label: str, store: str, task_ref: str, task_args: dict, steps: int,
                f"{', '.join(f'{t / steps * 1e3:.2f}' for t in times['replay'])})")
     common.log(f"  training step (forward, backward, Adam)              {per_train * 1e3:7.2f} "
                f"ms (runs {', '.join(f'{t / block * 1e3:.2f}' for t in times['train'])})")
+    common.log(f"  its model work alone (plain loop, same batches and θ)  {per_floor * 1e3:7.2f} "
+               f"ms: {per_floor / per_train:.2f} training steps; the engine adds "
+               f"{(per_replay - per_floor) * 1e3:.2f} ms per step end to end")
     common.log(f"  replay of {short} steps {common.median(times['short']):.2f} s: one more "
                f"step costs {marginal * 1e3:.2f} ms, {marginal / per_train:.2f} training steps; "
                f"fixed cost per run {common.median(times['replay']) - steps * marginal:.2f} s")
@@ -103,7 +154,11 @@ def compare(label: str, store: str, task_ref: str, task_args: dict, steps: int,
             common.row(f"  the same, one more step (no fixed costs), {label}",
                        marginal / per_train, "report", None,
                        f"{marginal * 1e3:.1f} ms per step: replays of {steps} and {short} steps",
-                       fmt="{:.2f}")]
+                       fmt="{:.2f}"),
+            common.row(f"  its model work alone / training step, {label}",
+                       per_floor / per_train, "report", None,
+                       f"{per_floor * 1e3:.1f} ms per step: forward+backward at θ_t and a "
+                       "forward at θ_t+1 in a plain loop", fmt="{:.2f}")]
 
 
 def main(argv=None) -> dict:

@@ -86,12 +86,17 @@ def finalize(writer, datasets, names, shapes) -> bool:
                 )
             total, loaded = None, {}
             for _, _, key, j in rows:
-                if key not in loaded:  # one array at a time: its rows follow each other
-                    loaded = {key: np.asarray(group[key][:])}
-                values = loaded[key]
-                row = values if values.ndim == 1 else values[j]
-                total = np.zeros(row.shape, dtype=np.float64) if total is None else total
-                total += row
+                arr = group[key]
+                if total is None:
+                    total = np.zeros(arr.shape[-1], dtype=np.float64)
+                if arr.ndim == 1:  # a task's own sums (a big model): a chunk at a time
+                    step = arr.chunks[0]
+                    for a in range(0, total.size, step):
+                        total[a:a + step] += arr[a:a + step]
+                    continue
+                if key not in loaded:  # the driver's rows: one array at a time
+                    loaded = {key: np.asarray(arr[:])}
+                total += loaded[key][j]
             arr = writer.root.require_group(PARAMS).create_array(
                 name, shape=total.shape, dtype="f8", chunks=(min(total.size, 1 << 22),),
                 compressors=None, overwrite=True, attributes={"complete": False})

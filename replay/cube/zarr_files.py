@@ -233,10 +233,8 @@ class Array(Node):
             if block is None:
                 continue
             a, b = max(lo[0], i0), min(hi[0], i1)
-            inner = (slice(a - lo[0], b - lo[0]),) + tuple(
-                slice(0, h - l) for l, h in zip(lo[1:], hi[1:]))
-            out[(slice(a - i0, b - i0),) + tuple(slice(l, h) for l, h in
-                                                 zip(lo[1:], hi[1:]))] = block[inner]
+            outer, inner = _trailing(lo, hi)
+            out[(slice(a - i0, b - i0),) + outer] = block[(slice(a - lo[0], b - lo[0]),) + inner]
         return out
 
     def __setitem__(self, key, values) -> None:
@@ -245,8 +243,8 @@ class Array(Node):
                                  (i1 - i0,) + self.shape[1:])
         for idx, lo, hi in self._chunk_ids(i0, i1):
             a, b = max(lo[0], i0), min(hi[0], i1)
-            src = values[(slice(a - i0, b - i0),) + tuple(slice(l, h) for l, h in
-                                                          zip(lo[1:], hi[1:]))]
+            outer, inner = _trailing(lo, hi)
+            src = values[(slice(a - i0, b - i0),) + outer]
             whole = a == lo[0] and b == hi[0]
             if whole and src.shape == self.chunks:
                 block = src
@@ -254,20 +252,24 @@ class Array(Node):
                 old = None if whole else self._read_chunk(idx)
                 block = np.full(self.chunks, self.fill_value, dtype=self.dtype) \
                     if old is None else old.copy()
-                block[(slice(a - lo[0], b - lo[0]),) + tuple(
-                    slice(0, h - l) for l, h in zip(lo[1:], hi[1:]))] = src
+                block[(slice(a - lo[0], b - lo[0]),) + inner] = src
+            path = self._file(idx)
             if self._zstd and _all_fill(block, self.fill_value):
                 # zarr's default (write_empty_chunks=False): an all-fill chunk is not stored
-                with_file = self._file(idx)
-                if os.path.exists(with_file):
-                    os.unlink(with_file)
+                if os.path.exists(path):
+                    os.unlink(path)
                 continue
-            path = self._file(idx)
             folder = os.path.dirname(path)
             if folder not in self._dirs:
                 os.makedirs(folder, exist_ok=True)
                 self._dirs.add(folder)
             write_file(path, self._encode(block))
+
+
+def _trailing(lo, hi) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """A chunk's extent along the axes after the first: in the array, and in the chunk."""
+    return (tuple(slice(a, b) for a, b in zip(lo[1:], hi[1:])),
+            tuple(slice(0, b - a) for a, b in zip(lo[1:], hi[1:])))
 
 
 def _all_fill(block: np.ndarray, fill) -> bool:

@@ -25,7 +25,7 @@ from replay.cube import writer as cubes
 from replay.cube.buffer import INLINE_BYTES, ResultBuffer
 from replay.cube.lock import CubeLock
 from replay.engine.gradients import plan_batches, sorts_by_size, to_device
-from replay.engine.piece import Spec, compute_piece
+from replay.engine.piece import Spec, compute_piece, release_buffers
 from replay.engine.plan import (absolute, default_chunk, default_cube_path, default_piece,
                                 intervals, plan_pieces, select_steps)
 from replay.engine.preflight import check_files, check_model
@@ -271,6 +271,7 @@ def execute(plan: Plan, pieces: list[tuple[int, int]], done: np.ndarray | None =
             if bar is not None:
                 bar.close()
         held.flush()
+    release_buffers()
     return stats
 
 

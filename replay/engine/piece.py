@@ -98,6 +98,14 @@ class _Carry:
 _CACHE: dict[tuple[int, str], _Runtime] = {}
 
 
+def release_buffers() -> None:
+    """Drop what this process's runtimes keep for a next piece (the end point's θ and
+    gradients, reused per-parameter sums): the run that owned them is over, and in-process
+    (sync, threads) its finalisation needs the memory."""
+    for rt in _CACHE.values():
+        rt.carry = rt.sums = None
+
+
 def _runtime(spec: Spec) -> _Runtime:
     # Keyed by thread too: under the threads scheduler two tasks must not share one model.
     key = (threading.get_ident(), spec.cache_key())
