@@ -1,7 +1,8 @@
 """Piece results held by the driver and written to the cube in batches (docs/design.md §7).
 
-Every zarr operation costs milliseconds of fixed overhead, so a replay of a fast model whose
-pieces each take a few milliseconds of compute would spend most of its time writing. The
+Every write has a fixed cost (a file created per chunk; through zarr, milliseconds per
+operation), so a replay of a fast model whose pieces each take a few milliseconds of compute
+would spend most of its time writing. The
 driver therefore keeps finished pieces in memory and writes them together: contiguous pieces
 become one region write per cube variable and one array of per-parameter partial sums per
 dataset (a row per piece). It writes once the pieces held took :data:`FLUSH_SECONDS` of

@@ -21,6 +21,10 @@ from replay.cube import zarr_files
 from replay.cube.schema import PARAMS, PARTS, quiet
 from replay.errors import CubeError
 
+# Values per chunk of these arrays (32 MB of float64): a chunk is what the finish holds in
+# memory besides the total while it adds a task's sums.
+CHUNK = 1 << 22
+
 
 def drop_stale_parts(writer, datasets, pieces, done: np.ndarray | None = None) -> None:
     """Rows of partial sums inside one of ``pieces`` ([i0, i1) each) whose steps are not done
@@ -98,7 +102,7 @@ def finalize(writer, datasets, names, shapes) -> bool:
                     loaded = {key: np.asarray(arr[:])}
                 total += loaded[key][j]
             arr = writer.root.require_group(PARAMS).create_array(
-                name, shape=total.shape, dtype="f8", chunks=(min(total.size, 1 << 22),),
+                name, shape=total.shape, dtype="f8", chunks=(min(total.size, CHUNK),),
                 compressors=None, overwrite=True, attributes={"complete": False})
             arr[:] = total
             arr.attrs.update(names=list(names), shapes=[list(shapes[k]) for k in names],
@@ -132,7 +136,7 @@ def write_param_part(path: str, dataset: str, i0: int, i1: int, values: np.ndarr
     """Called by a replay task: its steps' per-element LCA sums (D,) for one dataset."""
     group = zarr_files.open_root(path, mode="r+")[f"{PARTS}/{dataset}"]
     arr = group.create_array(f"{i0:09d}-{i1:09d}", shape=values.shape, dtype="f8",
-                             chunks=(min(values.size, 1 << 22),), compressors=None,
+                             chunks=(min(values.size, CHUNK),), compressors=None,
                              overwrite=True)
     arr[:] = values
 
@@ -143,9 +147,9 @@ def write_param_rows(root, dataset: str, edges: list[tuple[int, int]],
     each, as one array."""
     group = root[f"{PARTS}/{dataset}"]
     size = rows[0].size
-    # Rows share a chunk up to 2**22 values: on a small model every chunk file created (the
-    # file system's slowest operation here) would cost more than the piece's sums.
-    chunks = (min(len(rows), max(1, (1 << 22) // size)), min(size, 1 << 22))
+    # Rows share a chunk up to CHUNK values: on a small model, creating a file per row would
+    # cost more than writing the piece's sums.
+    chunks = (min(len(rows), max(1, CHUNK // size)), min(size, CHUNK))
     arr = group.create_array(f"{edges[0][0]:09d}-{edges[-1][1]:09d}", shape=(len(rows), size),
                              dtype="f8", chunks=chunks, compressors=None,
                              overwrite=True,

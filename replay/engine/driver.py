@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -126,7 +127,11 @@ def prepare(trajectory, task=None, *, settings: ReplaySettings | None = None,
         raise ReplayError(f"dataset {empty[0]!r} of task {ref!r} is empty: there is no loss to "
                           "allocate; leave it out (datasets=[...], CLI --datasets) or give the "
                           "task data")
-    check_model(task_inst, traj, ref)
+    checked = (_task_key(ref, args), traj.manifest_sha256) if task_obj is None else None
+    if checked not in _CHECKED:
+        check_model(task_inst, traj, ref)
+        if checked is not None:
+            _CHECKED.add(checked)
     counts = None
     if callable(getattr(task_inst, "token_counts", None)):
         counts = {k: np.asarray(v) for k, v in task_inst.token_counts().items()}
@@ -193,6 +198,18 @@ def _has_ties(traj) -> bool:
     return any(name in recorded for name in traj.aliases.values())
 
 
+# Tasks built from a reference in this process, by reference and arguments, as the replay's
+# runtimes are cached (replay.engine.piece): a second replay in a notebook or a benchmark does
+# not build its data and model again to check them. Models checked against a trajectory, too.
+_TASKS: dict[str, object] = {}
+_KEEP_TASKS = 4
+_CHECKED: set[tuple[str, str]] = set()
+
+
+def _task_key(ref: str, args) -> str:
+    return json.dumps([ref, args], sort_keys=True, default=str)
+
+
 def _resolve_task(traj, task, task_args, trust_task):
     from replay.task import load_task, task_reference
 
@@ -209,7 +226,12 @@ def _resolve_task(traj, task, task_args, trust_task):
     if isinstance(task, str):
         if task_args is None:
             task_args = traj.task_args if task == traj.task else {}
-        return task, dict(task_args), None, load_task(task, task_args)
+        key = _task_key(task, task_args)
+        inst = _TASKS.pop(key, None) or load_task(task, task_args)
+        _TASKS[key] = inst  # the most recent last
+        while len(_TASKS) > _KEEP_TASKS:
+            _TASKS.pop(next(iter(_TASKS)))
+        return task, dict(task_args), None, inst
     if task_args is not None:
         raise TaskError("task_args is only used with a task reference string, not a Task object")
     return task_reference(type(task)), {}, task, task
