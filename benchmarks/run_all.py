@@ -39,6 +39,7 @@ BENCHES = {
     "sampled": "bench_sampled.py",   # 7. sampled vs exact: cost and Kendall's tau
     "fast": "bench_fast.py",         # 8. replay efficiency on a fast model (sync, local)
     "paper-cost": "bench_paper_cost.py",  # 9. sampled first-order replay vs a training step
+    "cold-ops": "bench_cold_ops.py",  # 9b. small operations right after a model's passes
     "big": "bench_big.py",           # 10. a 54.6 M-parameter model: writer, recording, replay
 }
 

@@ -17,7 +17,7 @@ import json
 import numpy as np
 import torch
 
-from replay.cube import zarr_files
+from replay.cube import zarr_docs, zarr_files
 from replay.cube.schema import PARAMS, PARTS, quiet
 from replay.errors import CubeError
 
@@ -88,15 +88,18 @@ def finalize(writer, datasets, names, shapes) -> bool:
                     f"per-parameter LCA parts of {writer.path} for {name!r} do not tile the "
                     f"steps ({edges[:4]}…); delete the cube and replay again"
                 )
-            total, loaded = None, {}
+            total, loaded, buf = None, {}, None
             for _, _, key, j in rows:
                 arr = group[key]
                 if total is None:
                     total = np.zeros(arr.shape[-1], dtype=np.float64)
                 if arr.ndim == 1:  # a task's own sums (a big model): a chunk at a time
                     step = arr.chunks[0]
+                    buf = np.empty(min(step, total.size)) if buf is None else buf
                     for a in range(0, total.size, step):
-                        total[a:a + step] += arr[a:a + step]
+                        part = buf[:min(step, total.size - a)]
+                        _read(arr, a, part)
+                        total[a:a + step] += part
                     continue
                 if key not in loaded:  # the driver's rows: one array at a time
                     loaded = {key: np.asarray(arr[:])}
@@ -112,7 +115,7 @@ def finalize(writer, datasets, names, shapes) -> bool:
             if parts is not None and name in parts:
                 del writer.root[f"{PARTS}/{name}"]
         if zarr_files.is_local(writer.path):
-            zarr_files.consolidate(writer.path)
+            zarr_docs.consolidate(writer.path)
         else:
             import zarr
 
@@ -120,6 +123,13 @@ def finalize(writer, datasets, names, shapes) -> bool:
     finally:
         ctx.__exit__(None, None, None)
     return True
+
+
+def _read(arr, i0: int, out: np.ndarray) -> None:
+    if isinstance(arr, zarr_files.Array):
+        arr.read_into(i0, i0 + out.shape[0], out)
+    else:
+        out[...] = arr[i0:i0 + out.shape[0]]
 
 
 def _leftover_parts(root) -> list[str]:

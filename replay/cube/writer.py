@@ -18,7 +18,7 @@ import uuid
 import numpy as np
 import zarr
 
-from replay.cube import zarr_files
+from replay.cube import zarr_docs, zarr_files
 from replay.cube.schema import (COORDS, FLOAT_VARIABLES, PARTS, VARIABLES, Coords, build,
                                 coordinate_values, coordinates_attribute, quiet)
 from replay.errors import CubeError
@@ -127,7 +127,7 @@ def _write_files(path: str, layout: Coords, attrs: dict, parts: bool) -> None:
                           attributes={**var.attrs, **extra})
     for name in layout.datasets if parts else ():
         root.require_group(f"{PARTS}/{name}")
-    zarr_files.consolidate(path)
+    zarr_docs.consolidate(path)
 
 
 def exists(path: str) -> bool:

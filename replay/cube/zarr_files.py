@@ -15,23 +15,19 @@ so does a local array with any other codec.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
-import uuid
 from collections.abc import MutableMapping
 
 import numpy as np
 from numcodecs.vlen import VLenUTF8
 from numcodecs.zstd import Zstd
 
-ZARR_JSON = "zarr.json"
-ZSTD = {"name": "zstd", "configuration": {"level": 0, "checksum": False}}
+from replay.cube.zarr_docs import (SPECIAL, TYPES, ZARR_JSON, ZSTD, array_doc, group_doc,
+                                   read_json, type_name, write_file, write_json)
+
 _ZSTD = Zstd(level=0, checksum=False)
 _VLEN = VLenUTF8()
-_TYPES = {"float64": np.dtype("<f8"), "int64": np.dtype("<i8"), "bool": np.dtype("bool"),
-          "string": np.dtype(object)}
-_SPECIAL = {"NaN": np.nan, "Infinity": np.inf, "-Infinity": -np.inf}
 
 
 def is_local(path: str) -> bool:
@@ -45,80 +41,6 @@ def open_root(path: str, mode: str = "r"):
     import zarr
 
     return zarr.open_group(path, mode=mode, use_consolidated=False)
-
-
-def type_name(dtype) -> str:
-    """The zarr v3 ``data_type`` of a numpy dtype (or ``"str"``) the cube stores."""
-    if dtype in ("str", str):
-        return "string"
-    dt = np.dtype(dtype)
-    for name, known in _TYPES.items():
-        if dt == known and name != "string":
-            return name
-    raise TypeError(f"the cube stores no arrays of dtype {dt}")
-
-
-def array_doc(shape, chunks, dtype, fill_value, *, dims=None, attributes=None,
-              compressed: bool = True) -> dict:
-    """The ``zarr.json`` of an array, as zarr writes it for these parameters."""
-    name = type_name(dtype)
-    if name == "string":
-        serializer = {"name": "vlen-utf8", "configuration": {}}
-    elif _TYPES[name].itemsize == 1:
-        serializer = {"name": "bytes"}
-    else:
-        serializer = {"name": "bytes", "configuration": {"endian": "little"}}
-    doc = {"shape": [int(s) for s in shape], "data_type": name,
-           "chunk_grid": {"name": "regular",
-                          "configuration": {"chunk_shape": [int(c) for c in chunks]}},
-           "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-           "fill_value": _fill_json(name, fill_value),
-           "codecs": [serializer] + ([dict(ZSTD)] if compressed else []),
-           "attributes": dict(attributes or {})}
-    if dims is not None:
-        doc["dimension_names"] = list(dims)
-    doc.update(zarr_format=3, node_type="array", storage_transformers=[])
-    return doc
-
-
-def group_doc(attributes=None) -> dict:
-    return {"attributes": dict(attributes or {}), "zarr_format": 3, "node_type": "group"}
-
-
-def _fill_json(name: str, value):
-    if name == "float64":
-        value = float(value)
-        if np.isnan(value):
-            return "NaN"
-        return "Infinity" if value == np.inf else "-Infinity" if value == -np.inf else value
-    return {"int64": int, "bool": bool, "string": str}[name](value)
-
-
-def read_json(path: str) -> dict:
-    with open(path, "rb") as f:
-        doc = json.loads(f.read())
-    if not isinstance(doc, dict) or doc.get("zarr_format") != 3:
-        raise ValueError(f"{path} is not zarr v3 metadata")
-    return doc
-
-
-def write_file(path: str, data) -> None:
-    """Atomically, as zarr's local store does: a reader sees the old file or the new one."""
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str, doc: dict) -> None:
-    # Compact: zarr indents its documents, but json's C encoder only runs without indent, and
-    # a replay writes dozens of these documents on its short critical path.
-    write_file(path, json.dumps(doc, allow_nan=True).encode())
 
 
 class Attributes(MutableMapping):
@@ -172,7 +94,7 @@ class Array(Node):
         if d.get("storage_transformers") or d["chunk_grid"]["name"] != "regular" or \
                 d["chunk_key_encoding"] != {"name": "default",
                                             "configuration": {"separator": "/"}} or \
-                d["data_type"] not in _TYPES or codecs[1:] not in ([], ["zstd"]) or \
+                d["data_type"] not in TYPES or codecs[1:] not in ([], ["zstd"]) or \
                 codecs[0] != ("vlen-utf8" if d["data_type"] == "string" else "bytes") or \
                 (len(codecs) == 2 and d["codecs"][1] != ZSTD) or \
                 d["codecs"][0].get("configuration", {}).get("endian", "little") != "little":
@@ -180,12 +102,12 @@ class Array(Node):
         self.shape = tuple(d["shape"])
         self.chunks = tuple(d["chunk_grid"]["configuration"]["chunk_shape"])
         self.ndim = len(self.shape)
-        self.dtype = _TYPES[d["data_type"]]
+        self.dtype = TYPES[d["data_type"]]
         self._string = d["data_type"] == "string"
         self._zstd = len(codecs) == 2
         self._dirs: set[str] = set()  # chunk directories known to exist
         fill = d["fill_value"]
-        self.fill_value = _SPECIAL.get(fill, fill) if d["data_type"] == "float64" else fill
+        self.fill_value = SPECIAL.get(fill, fill) if d["data_type"] == "float64" else fill
 
     def _range(self, key) -> tuple[int, int]:
         if key is Ellipsis:
@@ -227,15 +149,44 @@ class Array(Node):
 
     def __getitem__(self, key) -> np.ndarray:
         i0, i1 = self._range(key)
-        out = np.full((i1 - i0,) + self.shape[1:], self.fill_value, dtype=self.dtype)
+        out = np.empty((i1 - i0,) + self.shape[1:], dtype=self.dtype)
+        self.read_into(i0, i1, out)
+        return out
+
+    def read_into(self, i0: int, i1: int, out: np.ndarray) -> None:
+        """``a[i0:i1]`` into ``out`` (of that shape): reading a big array a chunk at a time
+        into one reused buffer spares the page faults of fresh memory for every chunk."""
         for idx, lo, hi in self._chunk_ids(i0, i1):
-            block = self._read_chunk(idx)
-            if block is None:
-                continue
             a, b = max(lo[0], i0), min(hi[0], i1)
             outer, inner = _trailing(lo, hi)
-            out[(slice(a - i0, b - i0),) + outer] = block[(slice(a - lo[0], b - lo[0]),) + inner]
-        return out
+            where = (slice(a - i0, b - i0),) + outer
+            if self._read_into(idx, out[where], a == lo[0] and b == hi[0]):
+                continue
+            block = self._read_chunk(idx)
+            out[where] = self.fill_value if block is None else \
+                block[(slice(a - lo[0], b - lo[0]),) + inner]
+
+    def _read_into(self, idx, target: np.ndarray, whole: bool) -> bool:
+        """An uncompressed chunk read straight into ``target`` (one copy, no temporary), when
+        target is the whole chunk, contiguous (a 1-D array's chunk, or the rows of one
+        whose other axes are a single chunk); False otherwise, or if the chunk is missing."""
+        if self._zstd or self._string or not whole or target.shape != self.chunks or \
+                not target.flags.c_contiguous:
+            return False
+        try:
+            with open(self._file(idx), "rb", buffering=0) as f:
+                view = memoryview(target.reshape(-1)).cast("B")
+                got = 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+        except FileNotFoundError:
+            return False
+        if got != len(view):
+            raise ValueError(f"{self._file(idx)}: {got} bytes, a chunk holds {len(view)}")
+        return True
 
     def __setitem__(self, key, values) -> None:
         i0, i1 = self._range(key)
@@ -361,27 +312,3 @@ class Group(Node):
                                     attributes=attributes, compressed=compressors == "zstd"))
         arr.save()
         return arr
-
-
-def consolidate(path: str) -> None:
-    """Write every node's metadata into the root's ``zarr.json``, as
-    ``zarr.consolidate_metadata`` does: xarray then opens the cube with one read."""
-    found = {}
-    for where, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "c")
-        if where == path or ZARR_JSON not in files:
-            continue
-        doc = read_json(os.path.join(where, ZARR_JSON))
-        if doc.get("node_type") == "group":
-            doc = {"attributes": doc.get("attributes", {}), "zarr_format": 3,
-                   "consolidated_metadata": {"kind": "inline", "must_understand": False,
-                                             "metadata": {}},
-                   "node_type": "group"}
-        else:
-            dirs[:] = []
-        found[os.path.relpath(where, path).replace(os.sep, "/")] = doc
-    root = read_json(os.path.join(path, ZARR_JSON))
-    root["consolidated_metadata"] = {
-        "kind": "inline", "must_understand": False,
-        "metadata": {k: found[k] for k in sorted(found, key=lambda k: (k.count("/"), k))}}
-    write_json(os.path.join(path, ZARR_JSON), root)
