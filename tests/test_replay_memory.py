@@ -174,3 +174,32 @@ def test_first_nonfinite_names_the_first_bad_element_only():
         v[int(flat.offsets[2]) + 1] = bad
         v[-1] = bad
         assert flat.first_nonfinite(v) == flat.names[2]
+
+
+def test_samples_drawn_ahead_are_each_steps_own_and_bounded():
+    """LossOracle.prefetch draws a piece's samples before its model passes: prepare(t) then
+    hands out the very batches it would have drawn at t, and no more are held than fit."""
+    task = TinyMLP(**ARGS)
+    model = task.build_model()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    flat = FlatModel(model, names, shapes, torch.float32, torch.device("cpu"))
+    mode = replay.Sampled(batches=2, batch_size=8, seed=3)
+    ahead = LossOracle(task, flat, ["train", "test"], mode, 5)
+    fresh = LossOracle(task, flat, ["train", "test"], mode, 5)
+    ahead.prefetch(range(4, 9))
+    assert sorted(ahead._ahead) == [4, 5, 6, 7, 8]
+    for t in range(4, 10):            # 9 was not drawn ahead: prepare draws it itself
+        ahead.prepare(t)
+        fresh.prepare(t)
+        for name in ("train", "test"):
+            got, want = ahead._batches[name], fresh._batches[name]
+            assert len(got) == len(want) > 1
+            for (x, y), (u, v) in zip(got, want):
+                assert torch.equal(x, u) and torch.equal(y, v)
+    assert ahead._ahead == {}
+    ahead.prefetch(range(100), max_bytes=1)      # the first step fills the budget
+    assert list(ahead._ahead) == [0]
+    exact = LossOracle(task, flat, ["train"], None, 5)
+    exact.prefetch(range(3))                     # exact mode keeps its one collated copy
+    assert exact._ahead == {}

@@ -20,7 +20,7 @@ import torch
 from replay.cube.param_lca import write_param_part
 from replay.engine.devices import task_device
 from replay.engine.flat_model import FlatModel
-from replay.engine.gradients import LossOracle
+from replay.engine.gradients import AHEAD_BYTES, LossOracle
 from replay.engine.kernel import Reducer
 from replay.engine.quadrature import Point, integrate
 from replay.engine.tied import untie
@@ -135,6 +135,9 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
     t0 = int(spec.steps[i0])
     layout = rt.traj.layout
     walk = rt.traj.walk_flat(t0, int(spec.step_ends[i1 - 1]))
+    if (n + 1) * flat.size * flat.theta.element_size() <= AHEAD_BYTES:
+        walk = _read_ahead(walk)  # a small model's θ for the whole piece, decoded together
+    oracle.prefetch(spec.steps[i0:i1])
     first, params, state0 = next(walk)
     if first != t0:
         raise ReplayError(f"trajectory {spec.trajectory} has no recorded step {t0}")
@@ -214,6 +217,12 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
     out.update(i0=i0, i1=i1, evaluations=evaluations, forwards=forwards, parts=parts,
                seconds=time.perf_counter() - began)
     return out
+
+
+def _read_ahead(walk):
+    """The walk's steps all read now and handed out in order: the piece's bookkeeping done
+    together, not between its model passes (see ``LossOracle.prefetch``)."""
+    yield from list(walk)
 
 
 def _sums(rt: _Runtime, spec: Spec, nd: int, size: int) -> list[np.ndarray]:
