@@ -67,26 +67,16 @@ class FlatLayout:
                    ) -> dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None,
                                                 torch.Tensor | None]] | None:
         """A format-2 delta file as its flat (Δ, fix indices, fix values) per dtype group, when
-        it passes every check of :meth:`decode_delta` and ``codec.check_delta_payload``; else
-        None, and those two name the problem."""
-        known = {f"{key}.{DTYPE_NAMES[d]}" for d in self.groups for key, _ in _FLAT_KEYS}
-        if not set(payload) <= known:
+        it passes every check of :meth:`decode_delta` and ``codec.check_delta_payload`` (the
+        layout's, and Δ and the fixed values in the dtypes the parameters need); else None, and
+        those two name the problem."""
+        if self._problem(payload) is not None:
             return None
         out = {}
         for dtype in self.groups:
-            tag, size = DTYPE_NAMES[dtype], self.size(dtype)
-            delta = payload.get(f"delta.{tag}")
-            if delta is None or delta.dim() != 1 or delta.numel() != size or \
-                    delta.dtype != delta_dtype(dtype):
-                return None
-            idx, val = payload.get(f"fix_idx.{tag}"), payload.get(f"fix_val.{tag}")
-            if (idx is None) != (val is None):
-                return None
-            if idx is not None and (
-                    idx.dtype != torch.int64 or idx.dim() != 1 or val.dtype != dtype
-                    or tuple(val.shape) != tuple(idx.shape)
-                    or idx.numel() and (bool((idx[1:] <= idx[:-1]).any()) or int(idx[0]) < 0
-                                        or int(idx[-1]) >= size)):
+            tag = DTYPE_NAMES[dtype]
+            delta, idx, val = (payload.get(f"{key}.{tag}") for key, _ in _FLAT_KEYS)
+            if delta.dtype != delta_dtype(dtype) or (val is not None and val.dtype != dtype):
                 return None
             out[dtype] = (delta, idx, val)
         return out
@@ -115,20 +105,39 @@ class FlatLayout:
         :mod:`replay.store.codec`) and, where some element needs one, ``fix_idx.D`` / ``fix_val.D``:
         ascending flat indices into the group and exact values. The writer is
         :func:`replay.record.writer.encode`."""
+        problem = self._problem(payload)
+        if problem is not None:
+            return problem
+        out: dict[str, torch.Tensor] = {}
+        for dtype, names in self.groups.items():
+            tag = DTYPE_NAMES[dtype]
+            out.update(self.split({dtype: payload[f"delta.{tag}"]}, names))
+            idx, val = payload.get(f"fix_idx.{tag}"), payload.get(f"fix_val.{tag}")
+            if idx is None:
+                continue
+            bounds = self._bounds[dtype]
+            # idx is ascending: cut it at the tensor boundaries.
+            cuts = torch.searchsorted(idx, bounds).tolist()
+            for i, name in enumerate(names):
+                a, b = cuts[i], cuts[i + 1]
+                if b > a:
+                    out[name + FIX_IDX] = idx[a:b] - int(bounds[i])
+                    out[name + FIX_VAL] = val[a:b]
+        return out
+
+    def _problem(self, payload: dict[str, torch.Tensor]) -> str | None:
+        """What is wrong with a format-2 delta file's keys, flat shapes and corrections."""
         known = {f"{key}.{DTYPE_NAMES[d]}" for d in self.groups for key, _ in _FLAT_KEYS}
         extra = sorted(set(payload) - known)
         if extra:
             return f"holds unexpected tensor(s) {', '.join(map(repr, extra[:3]))}"
-        out: dict[str, torch.Tensor] = {}
-        for dtype, names in self.groups.items():
-            tag = DTYPE_NAMES[dtype]
+        for dtype in self.groups:
+            tag, size = DTYPE_NAMES[dtype], self.size(dtype)
             delta = payload.get(f"delta.{tag}")
-            size = self.size(dtype)
             if delta is None:
                 return f"has no tensor 'delta.{tag}' for its {tag} parameters"
             if delta.dim() != 1 or delta.numel() != size:
                 return f"tensor 'delta.{tag}' has shape {tuple(delta.shape)}, expected ({size},)"
-            out.update(self.split({dtype: delta}, names))
             idx, val = payload.get(f"fix_idx.{tag}"), payload.get(f"fix_val.{tag}")
             if (idx is None) != (val is None):
                 return f"has only one of 'fix_idx.{tag}' and 'fix_val.{tag}'"
@@ -140,15 +149,7 @@ class FlatLayout:
                                 or int(idx[-1]) >= size):
                 return (f"correction of the {tag} parameters is not ascending within their "
                         f"{size} elements")
-            bounds = self._bounds[dtype]
-            # idx is ascending: cut it at the tensor boundaries.
-            cuts = torch.searchsorted(idx, bounds).tolist()
-            for i, name in enumerate(names):
-                a, b = cuts[i], cuts[i + 1]
-                if b > a:
-                    out[name + FIX_IDX] = idx[a:b] - int(bounds[i])
-                    out[name + FIX_VAL] = val[a:b]
-        return out
+        return None
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -156,6 +156,10 @@ class Trajectory:
     def load(self, step: int, role: str) -> Tensors:
         """Decoded and shape/dtype-checked tensors of one data file (``role``: keyframe, delta
         or state; a delta as per-parameter payload for :func:`~replay.store.codec.apply_delta`)."""
+        return self._checked(step, role, self._tensors(step, role))
+
+    def _tensors(self, step: int, role: str) -> Tensors:
+        """One data file's tensors as stored, its size, hash and step checked."""
         data = self.read_file(step, role)
         rel = self._entries[step]["files"][role]
         try:
@@ -165,8 +169,14 @@ class Trajectory:
             raise TrajectoryError(
                 f"{rel}: not a readable safetensors file ({err}); {self._fix}") from None
         if meta.get("step") not in (None, str(step)):
-            problem = f"belongs to step {meta['step']}, not {step}"
-        elif role == "delta":
+            raise TrajectoryError(f"{rel}: belongs to step {meta['step']}, not {step}; "
+                                  f"{self._fix}")
+        return tensors
+
+    def _checked(self, step: int, role: str, tensors: Tensors) -> Tensors:
+        """:meth:`load` from the file's tensors: shapes and dtypes checked, a delta cut per
+        parameter."""
+        if role == "delta":
             if self.format_version >= 2:      # one flat Δ per dtype group, cut per parameter
                 tensors = self.layout.decode_delta(tensors)
             problem = (tensors if isinstance(tensors, str)
@@ -177,7 +187,7 @@ class Trajectory:
             problem = check_tensors(tensors, self._state_shapes, self.state_dtypes,
                                     complete="keyframe" in self._entries[step]["files"])
         if problem:
-            raise TrajectoryError(f"{rel}: {problem}; {self._fix}")
+            raise TrajectoryError(f"{self._entries[step]['files'][role]}: {problem}; {self._fix}")
         return tensors
 
     def _state_at(self, t: int, state: Tensors | None) -> Tensors:
@@ -209,25 +219,13 @@ class Trajectory:
         if source.role == "keyframe":
             flats = self.layout.gather(self.load(nxt, "keyframe"))
         else:
-            parts = self._flat_delta(t)
+            tensors = self._tensors(t, "delta")
+            # Format 2 applied per dtype group when the file passes every check; otherwise
+            # the per-parameter path, whose checks name what is wrong.
+            parts = self.layout.flat_delta(tensors) if self.format_version >= 2 else None
             flats = self.layout.apply_flat(flats, parts) if parts is not None else \
-                self.layout.apply_delta(flats, self.load(t, "delta"))
+                self.layout.apply_delta(flats, self._checked(t, "delta", tensors))
         return nxt, flats, self._state_at(nxt, state)
-
-    def _flat_delta(self, step: int):
-        """A format-2 delta file as flat parts (:meth:`FlatLayout.flat_delta`), or None: then
-        :meth:`load` reads it again, and names what is wrong if anything is."""
-        if self.format_version < 2:
-            return None
-        data = self.read_file(step, "delta")
-        try:
-            tensors = safetensors.torch.load(data)
-            meta = header_metadata(data)
-        except Exception:  # safetensors raises its own error types; load() explains them
-            return None
-        if meta.get("step") not in (None, str(step)):
-            return None
-        return self.layout.flat_delta(tensors)
 
     def _start(self, t: int) -> tuple[int, Flats, Tensors]:
         """A reconstructed step ≤ t to walk from: the cached step if closer than the keyframe."""
