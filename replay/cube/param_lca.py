@@ -17,7 +17,7 @@ import json
 import numpy as np
 import torch
 
-from replay.cube import zarr_docs, zarr_files
+from replay.cube import zarr_files
 from replay.cube.schema import PARAMS, PARTS, quiet
 from replay.errors import CubeError
 
@@ -98,7 +98,7 @@ def finalize(writer, datasets, names, shapes) -> bool:
                     buf = np.empty(min(step, total.size)) if buf is None else buf
                     for a in range(0, total.size, step):
                         part = buf[:min(step, total.size - a)]
-                        _read(arr, a, part)
+                        zarr_files.read_rows(arr, a, part)
                         total[a:a + step] += part
                     continue
                 if key not in loaded:  # the driver's rows: one array at a time
@@ -114,22 +114,10 @@ def finalize(writer, datasets, names, shapes) -> bool:
         for name in datasets:
             if parts is not None and name in parts:
                 del writer.root[f"{PARTS}/{name}"]
-        if zarr_files.is_local(writer.path):
-            zarr_docs.consolidate(writer.path)
-        else:
-            import zarr
-
-            zarr.consolidate_metadata(writer.path)
+        zarr_files.consolidate(writer.path)
     finally:
         ctx.__exit__(None, None, None)
     return True
-
-
-def _read(arr, i0: int, out: np.ndarray) -> None:
-    if isinstance(arr, zarr_files.Array):
-        arr.read_into(i0, i0 + out.shape[0], out)
-    else:
-        out[...] = arr[i0:i0 + out.shape[0]]
 
 
 def _leftover_parts(root) -> list[str]:

@@ -96,11 +96,9 @@ def build(coords: Coords, data: Mapping[str, Any] | None = None,
     dask arrays chunked by ``coords.chunk`` along ``step``."""
     import dask.array as da
 
-    n, g, d = len(coords.steps), len(coords.labels), len(coords.datasets)
-    sizes = {"step": n, "group": g, "dataset": d}
     out = {}
-    for name, var in VARIABLES.items():
-        shape = tuple(sizes[dim] for dim in var.dims)
+    for name, shape in variable_shapes(coords).items():
+        var = VARIABLES[name]
         if data is None:
             values = da.full(shape, var.empty, dtype=var.dtype,
                              chunks=(coords.chunk,) + shape[1:])
@@ -110,6 +108,13 @@ def build(coords: Coords, data: Mapping[str, Any] | None = None,
                 raise ValueError(f"{name}: shape {values.shape}, the schema needs {shape}")
         out[name] = (var.dims, values, dict(var.attrs))
     return xr.Dataset(out, coords=coordinate_values(coords), attrs=dict(attrs or {}))
+
+
+def variable_shapes(coords: Coords) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every variable in :data:`VARIABLES` for these coordinates."""
+    sizes = {"step": len(coords.steps), "group": len(coords.labels),
+             "dataset": len(coords.datasets)}
+    return {name: tuple(sizes[d] for d in var.dims) for name, var in VARIABLES.items()}
 
 
 def coordinate_values(coords: Coords) -> dict[str, tuple[str, np.ndarray]]:

@@ -20,7 +20,8 @@ import zarr
 
 from replay.cube import zarr_docs, zarr_files
 from replay.cube.schema import (COORDS, FLOAT_VARIABLES, PARTS, VARIABLES, Coords, build,
-                                coordinate_values, coordinates_attribute, quiet)
+                                coordinate_values, coordinates_attribute, quiet,
+                                variable_shapes)
 from replay.errors import CubeError
 
 # Settings that do not change any number in the cube, so a cube may be resumed with another
@@ -82,9 +83,7 @@ def _write_empty(path: str, layout: Coords, attrs: dict, parts: bool) -> None:
 
 def _write_xarray(path: str, layout: Coords, attrs: dict, parts: bool) -> None:
     """The empty cube through xarray and zarr (a remote store)."""
-    sizes = {"step": len(layout.steps), "group": len(layout.labels),
-             "dataset": len(layout.datasets)}
-    shapes = {name: tuple(sizes[d] for d in var.dims) for name, var in VARIABLES.items()}
+    shapes = variable_shapes(layout)
     eager = sum(int(np.prod(s)) for s in shapes.values()) <= _EAGER_VALUES
     data = {name: np.full(shapes[name], var.empty, dtype=var.dtype)
             for name, var in VARIABLES.items()} if eager else None
@@ -110,16 +109,14 @@ def _write_files(path: str, layout: Coords, attrs: dict, parts: bool) -> None:
     """The empty cube as files: the documents xarray's ``to_zarr`` writes for the schema
     (coordinates in one chunk each, every variable empty so without chunk files)."""
     root = zarr_files.Group.create(path, attributes=attrs)
-    sizes = {"step": len(layout.steps), "group": len(layout.labels),
-             "dataset": len(layout.datasets)}
     for name, (dim, values) in coordinate_values(layout).items():
         dtype = "str" if COORDS[name][1] == "str" else values.dtype
         root.create_array(name, shape=values.shape, dtype=dtype, chunks=values.shape,
                           compressors="zstd", dimension_names=[dim])[:] = values
-    for name, var in VARIABLES.items():
-        shape = tuple(sizes[d] for d in var.dims)
-        extra = {"coordinates": coordinates_attribute(var.dims)} \
-            if coordinates_attribute(var.dims) else {}
+    for name, shape in variable_shapes(layout).items():
+        var = VARIABLES[name]
+        along = coordinates_attribute(var.dims)
+        extra = {"coordinates": along} if along else {}
         if name in FLOAT_VARIABLES:
             extra["_FillValue"] = _NAN_FILL
         root.create_array(name, shape=shape, dtype=var.dtype, chunks=(layout.chunk,) + shape[1:],

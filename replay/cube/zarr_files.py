@@ -23,6 +23,7 @@ import numpy as np
 from numcodecs.vlen import VLenUTF8
 from numcodecs.zstd import Zstd
 
+from replay.cube import zarr_docs
 from replay.cube.zarr_docs import (SPECIAL, TYPES, ZARR_JSON, ZSTD, array_doc, group_doc,
                                    read_json, type_name, write_file, write_json)
 
@@ -41,6 +42,25 @@ def open_root(path: str, mode: str = "r"):
     import zarr
 
     return zarr.open_group(path, mode=mode, use_consolidated=False)
+
+
+def consolidate(path: str) -> None:
+    """Every node's metadata into the root's ``zarr.json`` (:func:`zarr_docs.consolidate`
+    on a local disk, zarr's own for a URL)."""
+    if is_local(path):
+        zarr_docs.consolidate(path)
+        return
+    import zarr
+
+    zarr.consolidate_metadata(path)
+
+
+def read_rows(arr, i0: int, out: np.ndarray) -> None:
+    """``arr[i0:i0 + len(out)]`` into ``out``: in place for a local array, by zarr else."""
+    if isinstance(arr, Array):
+        arr.read_into(i0, i0 + out.shape[0], out)
+    else:
+        out[...] = arr[i0:i0 + out.shape[0]]
 
 
 class Attributes(MutableMapping):
@@ -160,17 +180,17 @@ class Array(Node):
             a, b = max(lo[0], i0), min(hi[0], i1)
             outer, inner = _trailing(lo, hi)
             where = (slice(a - i0, b - i0),) + outer
-            if self._read_into(idx, out[where], a == lo[0] and b == hi[0]):
+            if self._read_into(idx, out[where]):
                 continue
             block = self._read_chunk(idx)
             out[where] = self.fill_value if block is None else \
                 block[(slice(a - lo[0], b - lo[0]),) + inner]
 
-    def _read_into(self, idx, target: np.ndarray, whole: bool) -> bool:
+    def _read_into(self, idx, target: np.ndarray) -> bool:
         """An uncompressed chunk read straight into ``target`` (one copy, no temporary), when
-        target is the whole chunk, contiguous (a 1-D array's chunk, or the rows of one
-        whose other axes are a single chunk); False otherwise, or if the chunk is missing."""
-        if self._zstd or self._string or not whole or target.shape != self.chunks or \
+        target has the chunk's shape (so it is the whole chunk) and is contiguous; False
+        otherwise, or if the chunk is missing."""
+        if self._zstd or self._string or target.shape != self.chunks or \
                 not target.flags.c_contiguous:
             return False
         try:

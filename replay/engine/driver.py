@@ -227,7 +227,9 @@ def _resolve_task(traj, task, task_args, trust_task):
         if task_args is None:
             task_args = traj.task_args if task == traj.task else {}
         key = _task_key(task, task_args)
-        inst = _TASKS.pop(key, None) or load_task(task, task_args)
+        inst = _TASKS.pop(key, None)
+        if inst is None:
+            inst = load_task(task, task_args)
         _TASKS[key] = inst  # the most recent last
         while len(_TASKS) > _KEEP_TASKS:
             _TASKS.pop(next(iter(_TASKS)))
