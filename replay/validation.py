@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -52,7 +53,7 @@ def from_mapping(cls: type, mapping: Any, where: str) -> Any:
     typed as dataclasses are built recursively as sections. Raises ConfigError.
     """
     keys = {f.name: f for f in fields(cls) if f.metadata.get("yaml", True)}
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     sections = all(dataclasses.is_dataclass(hints[name]) for name in keys)
     noun = "section" if sections else "key"
     if not isinstance(mapping, Mapping):
@@ -84,11 +85,23 @@ def fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")]
 
 
+@functools.cache
+def _hints(cls: type) -> dict:
+    # Evaluating a class's string annotations costs milliseconds; settings are checked on
+    # every replay (and every task), their classes never change.
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[dataclasses.Field, ...]:
+    return tuple(fields(cls))
+
+
 def check_types(obj: Any) -> None:
     """Convert every user field of the (frozen) dataclass ``obj`` to its declared type in place
     (int widened to float, lists to tuples where declared), or raise ConfigError naming it."""
-    hints = typing.get_type_hints(type(obj))
-    for f in fields(type(obj)):
+    hints = _hints(type(obj))
+    for f in _fields(type(obj)):
         value = getattr(obj, f.name)
         converted = convert_field(f.name, value, hints[f.name], key_name(f.name))
         if converted is not value:

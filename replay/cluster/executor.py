@@ -13,6 +13,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from replay.cluster.lanes import run_lanes
 from replay.cluster.worker_env import (QUIET_DASK, local_cluster, main_stays_home,
                                        restore_malloc_thresholds)
 from replay.errors import ConfigError, ReplayError
@@ -124,16 +125,13 @@ def executor(scheduler, *, threads: int = 1, device: str = "cpu",
                          for _ in range(n)]
             except Exception:  # an unreachable scheduler fails just below, with its own error
                 slots = []
-            # Each lane is pinned to its slot's worker, loosely: Dask otherwise tends to, but
-            # need not, give a worker the piece after its own (a piece that runs elsewhere costs
-            # one more evaluation); a lost worker's pieces still run elsewhere.
-            # Explicit priorities keep each lane in order: tasks submitted within Dask's
-            # fifo_timeout share one, and a worker then runs them in no particular order.
-            order = lane_order(pieces, len(slots))
+            if slots:
+                yield from run_lanes(client, _run_group, (fn, spec, threads), pieces, slots)
+                return
+            # No worker yet: every piece its own task, placed by Dask as workers arrive.
             futures = [client.submit(_with_threads, fn, spec, i0, i1, threads, pure=False,
-                                     workers=[slots[lane]] if slots else None,
-                                     allow_other_workers=bool(slots), priority=len(order) - k)
-                       for k, ((i0, i1), lane) in enumerate(order)]
+                                     priority=len(pieces) - k)
+                       for k, (i0, i1) in enumerate(pieces)]
             try:
                 for future in as_completed(futures):
                     yield future.result()
@@ -159,19 +157,9 @@ def _connect(what: str, **where):
                           "scheduler='local'") from None
 
 
-def lane_order(pieces: list[tuple[int, int]], workers: int) -> list[tuple[tuple[int, int], int]]:
-    """(piece, lane) in submission order: one contiguous lane per task slot, taken round-robin.
-
-    A slot that runs its own lane in order gets, each time, the piece starting where its
-    previous piece ended, whose first gradient it already holds (see ``worker._Carry``). Only
-    the order and placement change; results do not depend on them.
-    """
-    if workers < 2 or len(pieces) <= workers:
-        return [(piece, i % max(workers, 1)) for i, piece in enumerate(pieces)]
-    bounds = [round(k * len(pieces) / workers) for k in range(workers + 1)]
-    lanes = [pieces[a:b] for a, b in zip(bounds, bounds[1:])]
-    return [(lane[i], k) for i in range(max(map(len, lanes)))
-            for k, lane in enumerate(lanes) if i < len(lane)]
+def _run_group(fn, spec, threads, group):
+    """The pieces of one Dask task (:mod:`replay.cluster.lanes`), run in order."""
+    return [_with_threads(fn, spec, i0, i1, threads) for i0, i1 in group]
 
 
 def _with_threads(fn, spec, i0, i1, threads):

@@ -77,9 +77,10 @@ def finalize(writer, datasets, names, shapes) -> bool:
             if _complete(writer.root, name):
                 continue
             group = writer.root[f"{PARTS}/{name}"]
-            rows = []  # (i0, i1, array key, row index)
+            rows, arrays = [], {}  # (i0, i1, array key, row index); the arrays by key
             for key in group.array_keys():
-                rows += [(a, b, key, j) for j, (a, b) in _rows(key, group[key]).items()]
+                arrays[key] = group[key]
+                rows += [(a, b, key, j) for j, (a, b) in _rows(key, arrays[key]).items()]
             rows.sort()
             edges = [(a, b) for a, b, _, _ in rows]
             if not edges or edges[0][0] != 0 or edges[-1][1] != n or any(
@@ -90,7 +91,7 @@ def finalize(writer, datasets, names, shapes) -> bool:
                 )
             total, loaded, buf = None, {}, None
             for _, _, key, j in rows:
-                arr = group[key]
+                arr = arrays[key]
                 if total is None:
                     total = np.zeros(arr.shape[-1], dtype=np.float64)
                 if arr.ndim == 1:  # a task's own sums (a big model): a chunk at a time

@@ -69,6 +69,7 @@ class FlatModel:
             p.grad = self.grad[a:b].view(self.shapes[name])
         self.model = model
         self._params = [every[n] for n in self.names]
+        self._grads = [p.grad for p in self._params]  # the views bound above
         self._state = {**dict(model.named_parameters(remove_duplicate=False)),
                        **dict(model.named_buffers(remove_duplicate=False))}
 
@@ -111,9 +112,10 @@ class FlatModel:
 
     def check_bound(self) -> None:
         """Autograd must have accumulated into our buffer, not replaced ``.grad``."""
-        for p, name in zip(self._params, self.names):
-            if p.grad is None or p.grad.untyped_storage().data_ptr() != \
-                    self.grad.untyped_storage().data_ptr():
+        for p, view, name in zip(self._params, self._grads, self.names):
+            g = p.grad
+            if g is not view and (g is None or g.untyped_storage().data_ptr() !=
+                                  self.grad.untyped_storage().data_ptr()):
                 raise TaskError(
                     f"the gradient of {name!r} was replaced during backward (is loss() calling "
                     "zero_grad or an optimizer?); loss() must only compute the loss"

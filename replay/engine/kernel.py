@@ -247,7 +247,10 @@ class Reducer:
         if gbar.shape[0] != starts[-1]:
             raise ValueError(f"flat vectors have {gbar.shape[0]} elements, but the tensors of "
                              f"`shapes` hold {int(starts[-1])}")
-        row_sum, row_neg = reduce_segments(gbar, delta, cum, starts)
+        # The plan's rows tile the vector by construction: launched without reduce_segments'
+        # checks of them, which cost a pass over the row starts on every call.
+        row_sum, row_neg = _launch(_segments_parallel, _segments_serial, gbar, delta, cum,
+                                   starts, _check(gbar, delta, cum), starts.size - 1)
         for seg in row_group:
             _add_segments(row_sum, row_neg, seg, 0, out_sum, out_neg)
         return out_sum, out_neg

@@ -152,6 +152,17 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
     if exact and carry is not None and carry.matches(theta0, state0, s.threads):
         prev = carry.point
     carry = None  # its θ and gradients must not outlive their use as this piece's start
+    # With nonfinite="error" a step's θ_{t+1}, Δ and gradients are not checked one by one: a
+    # NaN or Inf in any of them makes the step's LCA non-finite (NaN·0 is NaN), and the run
+    # stops, so one test of the LCA proves them all finite; only then is the step re-checked
+    # in order, to name what went wrong (_diagnose). "skip" must check before the reduction
+    # adds the step into the per-parameter sums; adaptive, before it splits on a NaN residual.
+    eager = s.nonfinite == "skip" or s.quadrature == "adaptive"
+    # A small model's steps are reduced after the piece's model passes, not between them
+    # (where each small operation runs several times slower, see LossOracle.prefetch): their
+    # Δ and mean gradients are kept until then, in the same order of additions into ``cum``.
+    held = _Held(n, nd, flat) if not eager and (n * (nd + 1) * flat.size * flat.theta
+                                                .element_size() <= AHEAD_BYTES) else None
     for j in range(n):
         t, t1 = int(spec.steps[i0 + j]), int(spec.step_ends[i0 + j])
         t_next, params, state = next(walk, (None, None, None))
@@ -159,46 +170,55 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
             raise ReplayError(f"trajectory {spec.trajectory}: expected recorded step {t1} after "
                               f"{t}, found {t_next}; run `lca verify` on it")
         theta1 = None
+        last = j == n - 1
         try:
-            theta1 = _flatten_checked(flat, params, layout, t1)
+            if eager:
+                theta1 = _flatten_checked(flat, params, layout, t1)
+            else:
+                theta1 = flat.flatten_flats(params, layout)
             params = None  # theta1 holds θ_{t1}: a converted copy need not live through the step
-            # Δ goes in the model's θ buffer, free until a point is set: only θ_t and θ_{t+1}
-            # are held through the evaluations, and Δ is formed again, exactly, for the sums.
-            delta = torch.sub(theta1, theta0, out=flat.theta)
-            # [reliability] θ_t may be non-finite (skipped as the previous end point) while the
-            # loss there is finite (e.g. an Inf bias under tanh): Δ then carries it; skip too.
-            bad = flat.first_nonfinite(delta)
-            if bad is not None:
-                raise _NonFinite(
-                    f"the update from step {t} to step {t1} is not finite in {bad!r} (step {t} "
-                    "has non-finite values); pass nonfinite='skip' (CLI --nonfinite skip) to "
-                    "mark such steps and continue")
+            if eager:
+                # Δ goes in the model's θ buffer, free until a point is set: only θ_t and
+                # θ_{t+1} are held through the evaluations, Δ formed again, exactly, for the sums.
+                # [reliability] θ_t may be non-finite (skipped as the previous end point) while
+                # the loss there is finite (e.g. an Inf bias under tanh): Δ then carries it.
+                bad = flat.first_nonfinite(torch.sub(theta1, theta0, out=flat.theta))
+                if bad is not None:
+                    raise _NonFinite(_update_message(t, t1, bad))
             flat.load_state(state0)
             oracle.prepare(t)
-            last = j == n - 1
             res = integrate(
-                s.quadrature, _Chord(flat, oracle, theta0, theta1, t),
+                s.quadrature, _Chord(flat, oracle, theta0, theta1, t, checked=eager),
                 theta1 - theta0 if s.quadrature == "adaptive" else None,
                 start=prev if exact else None, end_grad=exact and not last, keep_end=exact,
                 tolerance=s.tolerance, max_splits=s.max_splits)
-            delta, theta0 = torch.sub(theta1, theta0, out=flat.theta), None
             evaluations += res.evaluations
             forwards += res.forwards
-            delta_np = _host(delta)
-            for d in range(nd):
-                lca, helped = reducer.reduce_flat(_host(res.gbar[d]), delta_np, cum[d])
-                out["lca"][j, :, d], out["helped"][j, :, d] = lca, helped
             out["loss"][j], out["loss_next"][j] = res.start.loss, res.end.loss
-            out["residual"][j] = (res.end.loss - res.start.loss) - \
-                out["lca"][j, residual_groups, :].sum(axis=0)
             out["splits"][j] = res.splits
+            if held is not None:
+                torch.sub(theta1, theta0, out=held.deltas[j])
+                held.gbar.append(res.gbar)
+            else:
+                delta = torch.sub(theta1, theta0, out=flat.theta)
+                theta0 = None
+                _reduce(out, j, reducer, res.gbar, delta, cum, residual_groups)
+                if not eager and not np.isfinite(out["lca"][j]).all():
+                    raise _NonFinite("the LCA")
+            theta0 = None
             same_state = _same_state(state0, state)
             prev = res.end if (exact and same_state and res.end.grads is not None) else None
             if last and exact and res.end.grads is not None:
                 rt.carry = _Carry(theta1, state0, s.threads, res.end)
             # Frees this step's mean gradients and Δ before the next step's are made.
-            res = delta = delta_np = None
+            res = delta = None
         except _NonFinite as err:
+            if not eager:  # the first step whose LCA is not finite, this one if none before
+                res = delta = prev = None
+                bad_j = held.reduce(out, reducer, cum, residual_groups) if held else None
+                bad_j = j if bad_j is None else bad_j
+                _diagnose(rt, spec, int(spec.steps[i0 + bad_j]), int(spec.step_ends[i0 + bad_j]),
+                          exact and bad_j != n - 1)
             if s.nonfinite != "skip":
                 raise ReplayError(str(err)) from None
             prev = None  # step stays NaN, splits 0: marked in the cube, done like the others
@@ -206,8 +226,14 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
             if theta1 is None:
                 theta1 = flat.flatten_flats(params, layout)
         theta0, state0 = theta1, state
+    if held is not None:
+        bad_j = held.reduce(out, reducer, cum, residual_groups)
+        if bad_j is not None:
+            _diagnose(rt, spec, int(spec.steps[i0 + bad_j]), int(spec.step_ends[i0 + bad_j]),
+                      exact and bad_j != n - 1)
+        held = None
     walk.close()
-    delta = prev = None  # the writes below encode copies of cum: make room for them
+    prev = None  # the writes below encode copies of cum: make room for them
     parts = None
     if s.param_lca and spec.inline_parts:
         parts = cum  # the driver writes them with the piece's other arrays (replay.cube.buffer)
@@ -247,22 +273,85 @@ class _NonFinite(Exception):
 
 def _flatten_checked(flat: FlatModel, flats, layout, step: int) -> torch.Tensor:
     vec = flat.flatten_flats(flats, layout)
+    _check_theta(flat, vec, step)
+    return vec
+
+
+def _check_theta(flat: FlatModel, vec: torch.Tensor, step: int) -> None:
     name = flat.first_nonfinite(vec)
     if name is not None:
         raise _NonFinite(
             f"checkpoint at step {step} has non-finite values in {name!r}; pass "
             "nonfinite='skip' (CLI --nonfinite skip) to mark such steps and continue"
         )
-    return vec
+
+
+def _update_message(t: int, t1: int, tensor: str) -> str:
+    return (f"the update from step {t} to step {t1} is not finite in {tensor!r} (step {t} has "
+            "non-finite values); pass nonfinite='skip' (CLI --nonfinite skip) to mark such "
+            "steps and continue")
+
+
+def _diagnose(rt: _Runtime, spec: Spec, t: int, t1: int, end_grad: bool):
+    """Raise what the checked path would have named first for the step from ``t`` to ``t1``,
+    whose loss or LCA came out non-finite unchecked: θ_{t+1}, Δ, then every loss and gradient
+    in evaluation order (θ and the state read again, the step evaluated again)."""
+    s, flat, oracle = spec.settings, rt.flat, rt.oracle
+    try:
+        theta1 = flat.flatten(rt.traj.params(t1))
+        _check_theta(flat, theta1, t1)
+        theta0 = flat.flatten(rt.traj.params(t))
+        bad = flat.first_nonfinite(theta1 - theta0)
+        if bad is not None:
+            raise _NonFinite(_update_message(t, t1, bad))
+        flat.load_state(rt.traj.state(t))
+        oracle.prepare(t)
+        integrate(s.quadrature, _Chord(flat, oracle, theta0, theta1, t), None, start=None,
+                  end_grad=end_grad, keep_end=False, tolerance=s.tolerance,
+                  max_splits=s.max_splits)
+    except _NonFinite as err:
+        raise ReplayError(str(err)) from None
+    raise ReplayError(
+        f"the LCA of step {t} is not finite, yet evaluated again every loss and gradient of "
+        "the step is finite: the model's results change between evaluations (a "
+        "non-deterministic kernel?); replay with nonfinite='skip' (CLI --nonfinite skip)")
+
+
+def _reduce(out: dict, j: int, reducer: Reducer, gbar, delta, cum, residual_groups) -> None:
+    """Step j's LCA per group and dataset into ``out`` (and Δ·ḡ into ``cum``), its residual."""
+    delta_np = _host(delta)
+    for d in range(len(gbar)):
+        lca, helped = reducer.reduce_flat(_host(gbar[d]), delta_np, cum[d])
+        out["lca"][j, :, d], out["helped"][j, :, d] = lca, helped
+    out["residual"][j] = (out["loss_next"][j] - out["loss"][j]) - \
+        out["lca"][j, residual_groups, :].sum(axis=0)
+
+
+class _Held:
+    """The Δ and mean gradients of a piece's first steps, reduced together afterwards."""
+
+    def __init__(self, n: int, nd: int, flat: FlatModel):
+        self.deltas = torch.empty((n, flat.size), dtype=flat.dtype, device=flat.device)
+        self.gbar: list[list[torch.Tensor]] = []
+
+    def reduce(self, out, reducer, cum, residual_groups) -> int | None:
+        """Reduce the steps held, in order; the first whose LCA is not finite, or None."""
+        gbar, self.gbar = self.gbar, []
+        for j, g in enumerate(gbar):
+            _reduce(out, j, reducer, g, self.deltas[j], cum, residual_groups)
+            if not np.isfinite(out["lca"][j]).all():
+                return j
+        return None
 
 
 class _Chord:
     """``evaluate(s, need_grad, take=None)`` for :func:`integrate`: the oracle at θ_t + sΔ,
     every loss and gradient checked finite."""
 
-    def __init__(self, flat: FlatModel, oracle: LossOracle, theta0, theta1, step: int):
+    def __init__(self, flat: FlatModel, oracle: LossOracle, theta0, theta1, step: int,
+                 checked: bool = True):
         self.flat, self.oracle, self.step = flat, oracle, step
-        self.theta0, self.theta1 = theta0, theta1
+        self.theta0, self.theta1, self.checked = theta0, theta1, checked
 
     def __call__(self, s: float, need_grad: bool, take=None) -> Point:
         flat = self.flat
@@ -283,7 +372,10 @@ class _Chord:
                 bad_grad[d] = f"the gradient of {tensor!r}"
             return g.clone() if take is None else take(d, g)
 
-        point = self.oracle.evaluate(need_grad, checked if need_grad else None)
+        if self.checked:
+            point = self.oracle.evaluate(need_grad, checked if need_grad else None)
+        else:  # gradients are proven finite by the step's LCA (compute_piece)
+            point = self.oracle.evaluate(need_grad, take if need_grad else None)
         for d, name in enumerate(self.oracle.names):
             bad = "the loss" if not np.isfinite(point.loss[d]) else bad_grad.get(d)
             if bad:

@@ -44,15 +44,35 @@ class _NaNGradient(torch.autograd.Function):
 
 
 class PoisonMLP(TinyMLP):
-    """TinyMLP with a finite loss but a NaN gradient of ``0.bias`` wherever ``0.bias[0] > above``."""
+    """TinyMLP with a finite loss but a NaN gradient of ``0.bias`` wherever
+    ``0.bias[index] > above``."""
 
-    def __init__(self, above: float = float("inf"), **kwargs):
+    def __init__(self, above: float = float("inf"), index: int = 0, **kwargs):
         super().__init__(**kwargs)
-        self.above = above
+        self.above, self.index = above, index
 
     def loss(self, model, batch):
         total, n = super().loss(model, batch)
         bias = model[0].bias
-        if float(bias[0].detach()) > self.above:
+        if float(bias[self.index].detach()) > self.above:
             total = total + _NaNGradient.apply(bias)
+        return total, n
+
+
+class FlakyMLP(TinyMLP):
+    """TinyMLP whose gradient of ``0.bias`` is NaN in the ``nan_call``-th call of ``loss`` on
+    this instance only, and whose loss is NaN in the ``nan_loss_call``-th: a model whose
+    results change between evaluations."""
+
+    def __init__(self, nan_call: int = 1, nan_loss_call: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.nan_call, self.nan_loss_call, self.calls = nan_call, nan_loss_call, 0
+
+    def loss(self, model, batch):
+        total, n = super().loss(model, batch)
+        self.calls += 1
+        if self.calls == self.nan_call:
+            total = total + _NaNGradient.apply(model[0].bias)
+        if self.calls == self.nan_loss_call:
+            total = total * float("nan")
         return total, n
