@@ -8,7 +8,8 @@ end to end, datasets train and test, ``groups="tensor"``, 1 torch thread), with
 process, started once outside the timing; a run that starts its own cluster is shown apart),
 against a plain torch loop in this process doing the engine's own number of gradient
 evaluations at the same points over the same batches at 1 thread (``bench_replay.PlainLoop``).
-Efficiency = loop time / engine time (target >= 0.9), for each replay length. Usage::
+Efficiency = loop time / engine time (target >= 0.9), for each replay length; medians of
+interleaved runs, three times as many for a replay of at most 100 steps. Usage::
 
     python benchmarks/bench_fast.py [--steps 40,400] [--repeats 3] [--train-size 256]
                                     [--work DIR] [--quick]
@@ -69,11 +70,13 @@ def measure(args, steps: int, targs: dict, work: str, loop, client) -> list[dict
     evaluations, _ = engine_run(store, out, task=TASK, scheduler="sync", **kw)
     engine_run(store, out, task=TASK, scheduler=client, **kw)      # the worker warms up
     points = simpson_points(store, evaluations)
+    # A short replay's runs are ten times shorter, and noisier: more of them, in the same time.
+    repeats = args.repeats * (3 if steps <= 100 and not args.quick else 1)
     times = common.interleave({
         "sync": lambda: engine_run(store, out, task=TASK, scheduler="sync", **kw),
         "local": lambda: engine_run(store, out, task=TASK, scheduler=client, **kw),
         "bound": lambda: loop.run(points),
-    }, args.repeats, warmup={"bound": lambda: loop.run(points[:3])})
+    }, repeats, warmup={"bound": lambda: loop.run(points[:3])})
     t0 = time.perf_counter()
     engine_run(store, out, task=TASK, scheduler="local:1", **kw)
     cold = time.perf_counter() - t0
@@ -81,7 +84,7 @@ def measure(args, steps: int, targs: dict, work: str, loop, client) -> list[dict
     per_eval = med["bound"] / evaluations * 1e3
     common.log(f"TinyCNN, {steps} steps, exact Simpson on train ({args.train_size}) + test "
                f"({args.train_size // 4}), {evaluations} gradient evaluations of "
-               f"{per_eval:.1f} ms each (plain loop), 1 thread; median of {args.repeats} "
+               f"{per_eval:.1f} ms each (plain loop), 1 thread; median of {repeats} "
                "interleaved runs")
     for name in ("sync", "local", "bound"):
         common.log(f"  {name:6s} {med[name]:7.3f} s  (runs "
@@ -102,7 +105,8 @@ def measure(args, steps: int, targs: dict, work: str, loop, client) -> list[dict
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", default="40,400", help="replay lengths, comma-separated (40,400)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (3)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved repeats (3; three times as many for <= 100 steps)")
     p.add_argument("--train-size", type=int, default=256, help="train split size; test 1/4")
     p.add_argument("--work", default=None, help="directory for trajectories (reused) and cubes")
     p.add_argument("--quick", action="store_true", help="40 steps only, 1 repeat")

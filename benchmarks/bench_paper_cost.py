@@ -12,7 +12,7 @@ target ≤ 1.5); TinyCNN at 8/16 channels, whose step is shorter still, is repor
 Usage::
 
     python benchmarks/bench_paper_cost.py [--demo-steps 40] [--cnn-steps 200] [--batch-size 32]
-                                          [--repeats 3] [--work DIR] [--quick]
+                                          [--repeats 5] [--work DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
     p.add_argument("--demo-steps", type=int, default=40, help="demo steps replayed (40)")
     p.add_argument("--cnn-steps", type=int, default=200, help="TinyCNN steps replayed (200)")
     p.add_argument("--batch-size", type=int, default=32, help="training and sample batch (32)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (3)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (5)")
     p.add_argument("--work", default=None, help="directory for trajectories (reused) and cubes")
     p.add_argument("--quick", action="store_true", help="20 / 60 steps, 1 repeat")
     args = p.parse_args(argv)

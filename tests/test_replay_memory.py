@@ -14,7 +14,8 @@ from replay.engine.driver import prepare
 from replay.engine.flat_model import FlatModel
 from replay.engine.gradients import LossOracle
 from replay.engine.kernel import Reducer
-from replay.engine.piece import _Chord, compute_piece
+from replay.engine.finite import Chord
+from replay.engine.piece import compute_piece
 from replay.engine.quadrature import Point, integrate
 from replay.grouping.resolve import resolve_groupings
 from replay.tasks.tiny_mlp import TinyMLP
@@ -86,7 +87,7 @@ def test_folded_mean_gradient_is_bit_identical_to_the_formula(rule, dtype, reuse
     want = _reference(rule, at)
     end_want = at(1.0)
     start = Point(np.zeros(2), at(0.0)) if reuse else None
-    chord = _Chord(flat, oracle, theta0, theta1, 0)
+    chord = Chord(flat, oracle, theta0, theta1, 0)
     res = integrate(rule, chord, theta1 - theta0, start=start, tolerance=0.0, max_splits=4)
     assert res.splits == (4 if rule == "adaptive" else 1 if rule in ("first-order",
                                                                       "trapezoid") else 2)
@@ -99,7 +100,7 @@ def test_folded_mean_gradient_is_bit_identical_to_the_formula(rule, dtype, reuse
 @pytest.mark.parametrize("rule", ["trapezoid", "simpson"])
 def test_end_gradients_not_kept_leave_the_mean_unchanged(rule):
     flat, oracle, theta0, theta1 = _flat(torch.float32)
-    chord = _Chord(flat, oracle, theta0, theta1, 0)
+    chord = Chord(flat, oracle, theta0, theta1, 0)
     kept = integrate(rule, chord, None)
     folded = integrate(rule, chord, None, keep_end=False)
     assert folded.end.grads is None and kept.end.grads is not None

@@ -19,6 +19,7 @@ import torch
 
 from replay.cube.param_lca import write_param_part
 from replay.engine.devices import task_device
+from replay.engine.finite import Chord, NonFinite, diagnose, flatten_checked, update_message
 from replay.engine.flat_model import FlatModel
 from replay.engine.gradients import AHEAD_BYTES, LossOracle
 from replay.engine.kernel import Reducer
@@ -143,8 +144,8 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
         raise ReplayError(f"trajectory {spec.trajectory} has no recorded step {t0}")
     prev: Point | None = None
     try:
-        theta0 = _flatten_checked(flat, params, layout, t0)
-    except _NonFinite as err:
+        theta0 = flatten_checked(flat, params, layout, t0)
+    except NonFinite as err:
         if s.nonfinite != "skip":
             raise ReplayError(str(err)) from None
         theta0 = flat.flatten_flats(params, layout)
@@ -155,7 +156,7 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
     # With nonfinite="error" a step's θ_{t+1}, Δ and gradients are not checked one by one: a
     # NaN or Inf in any of them makes the step's LCA non-finite (NaN·0 is NaN), and the run
     # stops, so one test of the LCA proves them all finite; only then is the step re-checked
-    # in order, to name what went wrong (_diagnose). "skip" must check before the reduction
+    # in order, to name what went wrong (replay.engine.finite). "skip" must check before the reduction
     # adds the step into the per-parameter sums; adaptive, before it splits on a NaN residual.
     eager = s.nonfinite == "skip" or s.quadrature == "adaptive"
     # A small model's steps are reduced after the piece's model passes, not between them
@@ -173,7 +174,7 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
         last = j == n - 1
         try:
             if eager:
-                theta1 = _flatten_checked(flat, params, layout, t1)
+                theta1 = flatten_checked(flat, params, layout, t1)
             else:
                 theta1 = flat.flatten_flats(params, layout)
             params = None  # theta1 holds θ_{t1}: a converted copy need not live through the step
@@ -184,11 +185,11 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
                 # the loss there is finite (e.g. an Inf bias under tanh): Δ then carries it.
                 bad = flat.first_nonfinite(torch.sub(theta1, theta0, out=flat.theta))
                 if bad is not None:
-                    raise _NonFinite(_update_message(t, t1, bad))
+                    raise NonFinite(update_message(t, t1, bad))
             flat.load_state(state0)
             oracle.prepare(t)
             res = integrate(
-                s.quadrature, _Chord(flat, oracle, theta0, theta1, t, checked=eager),
+                s.quadrature, Chord(flat, oracle, theta0, theta1, t, checked=eager),
                 theta1 - theta0 if s.quadrature == "adaptive" else None,
                 start=prev if exact else None, end_grad=exact and not last, keep_end=exact,
                 tolerance=s.tolerance, max_splits=s.max_splits)
@@ -204,7 +205,7 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
                 theta0 = None
                 _reduce(out, j, reducer, res.gbar, delta, cum, residual_groups)
                 if not eager and not np.isfinite(out["lca"][j]).all():
-                    raise _NonFinite("the LCA")
+                    raise NonFinite("the LCA")
             theta0 = None
             same_state = _same_state(state0, state)
             prev = res.end if (exact and same_state and res.end.grads is not None) else None
@@ -212,13 +213,13 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
                 rt.carry = _Carry(theta1, state0, s.threads, res.end)
             # Frees this step's mean gradients and Δ before the next step's are made.
             res = delta = None
-        except _NonFinite as err:
+        except NonFinite as err:
             if not eager:  # the first step whose LCA is not finite, this one if none before
                 res = delta = prev = None
                 bad_j = held.reduce(out, reducer, cum, residual_groups) if held else None
                 bad_j = j if bad_j is None else bad_j
-                _diagnose(rt, spec, int(spec.steps[i0 + bad_j]), int(spec.step_ends[i0 + bad_j]),
-                          exact and bad_j != n - 1)
+                diagnose(rt.traj, flat, oracle, s, int(spec.steps[i0 + bad_j]),
+                         int(spec.step_ends[i0 + bad_j]), exact and bad_j != n - 1)
             if s.nonfinite != "skip":
                 raise ReplayError(str(err)) from None
             prev = None  # step stays NaN, splits 0: marked in the cube, done like the others
@@ -229,8 +230,8 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
     if held is not None:
         bad_j = held.reduce(out, reducer, cum, residual_groups)
         if bad_j is not None:
-            _diagnose(rt, spec, int(spec.steps[i0 + bad_j]), int(spec.step_ends[i0 + bad_j]),
-                      exact and bad_j != n - 1)
+            diagnose(rt.traj, flat, oracle, s, int(spec.steps[i0 + bad_j]),
+                     int(spec.step_ends[i0 + bad_j]), exact and bad_j != n - 1)
         held = None
     walk.close()
     prev = None  # the writes below encode copies of cum: make room for them
@@ -267,56 +268,6 @@ def _sums(rt: _Runtime, spec: Spec, nd: int, size: int) -> list[np.ndarray]:
     return rt.sums
 
 
-class _NonFinite(Exception):
-    pass
-
-
-def _flatten_checked(flat: FlatModel, flats, layout, step: int) -> torch.Tensor:
-    vec = flat.flatten_flats(flats, layout)
-    _check_theta(flat, vec, step)
-    return vec
-
-
-def _check_theta(flat: FlatModel, vec: torch.Tensor, step: int) -> None:
-    name = flat.first_nonfinite(vec)
-    if name is not None:
-        raise _NonFinite(
-            f"checkpoint at step {step} has non-finite values in {name!r}; pass "
-            "nonfinite='skip' (CLI --nonfinite skip) to mark such steps and continue"
-        )
-
-
-def _update_message(t: int, t1: int, tensor: str) -> str:
-    return (f"the update from step {t} to step {t1} is not finite in {tensor!r} (step {t} has "
-            "non-finite values); pass nonfinite='skip' (CLI --nonfinite skip) to mark such "
-            "steps and continue")
-
-
-def _diagnose(rt: _Runtime, spec: Spec, t: int, t1: int, end_grad: bool):
-    """Raise what the checked path would have named first for the step from ``t`` to ``t1``,
-    whose loss or LCA came out non-finite unchecked: θ_{t+1}, Δ, then every loss and gradient
-    in evaluation order (θ and the state read again, the step evaluated again)."""
-    s, flat, oracle = spec.settings, rt.flat, rt.oracle
-    try:
-        theta1 = flat.flatten(rt.traj.params(t1))
-        _check_theta(flat, theta1, t1)
-        theta0 = flat.flatten(rt.traj.params(t))
-        bad = flat.first_nonfinite(theta1 - theta0)
-        if bad is not None:
-            raise _NonFinite(_update_message(t, t1, bad))
-        flat.load_state(rt.traj.state(t))
-        oracle.prepare(t)
-        integrate(s.quadrature, _Chord(flat, oracle, theta0, theta1, t), None, start=None,
-                  end_grad=end_grad, keep_end=False, tolerance=s.tolerance,
-                  max_splits=s.max_splits)
-    except _NonFinite as err:
-        raise ReplayError(str(err)) from None
-    raise ReplayError(
-        f"the LCA of step {t} is not finite, yet evaluated again every loss and gradient of "
-        "the step is finite: the model's results change between evaluations (a "
-        "non-deterministic kernel?); replay with nonfinite='skip' (CLI --nonfinite skip)")
-
-
 def _reduce(out: dict, j: int, reducer: Reducer, gbar, delta, cum, residual_groups) -> None:
     """Step j's LCA per group and dataset into ``out`` (and Δ·ḡ into ``cum``), its residual."""
     delta_np = _host(delta)
@@ -342,49 +293,6 @@ class _Held:
             if not np.isfinite(out["lca"][j]).all():
                 return j
         return None
-
-
-class _Chord:
-    """``evaluate(s, need_grad, take=None)`` for :func:`integrate`: the oracle at θ_t + sΔ,
-    every loss and gradient checked finite."""
-
-    def __init__(self, flat: FlatModel, oracle: LossOracle, theta0, theta1, step: int,
-                 checked: bool = True):
-        self.flat, self.oracle, self.step = flat, oracle, step
-        self.theta0, self.theta1, self.checked = theta0, theta1, checked
-
-    def __call__(self, s: float, need_grad: bool, take=None) -> Point:
-        flat = self.flat
-        with torch.no_grad():
-            if s == 0.0:
-                flat.theta.copy_(self.theta0)
-            elif s == 1.0:
-                flat.theta.copy_(self.theta1)
-            else:  # θ_t + sΔ with Δ = θ_{t+1} − θ_t formed in place: no buffer held for Δ
-                torch.sub(self.theta1, self.theta0, out=flat.theta)
-                torch.add(self.theta0, flat.theta, alpha=s, out=flat.theta)
-        bad_grad: dict[int, str] = {}
-
-        def checked(d: int, g: torch.Tensor):
-            # Checked as it arrives: ``take`` may fold it away, or the next dataset reuse g.
-            tensor = flat.first_nonfinite(g)
-            if tensor is not None:
-                bad_grad[d] = f"the gradient of {tensor!r}"
-            return g.clone() if take is None else take(d, g)
-
-        if self.checked:
-            point = self.oracle.evaluate(need_grad, checked if need_grad else None)
-        else:  # gradients are proven finite by the step's LCA (compute_piece)
-            point = self.oracle.evaluate(need_grad, take if need_grad else None)
-        for d, name in enumerate(self.oracle.names):
-            bad = "the loss" if not np.isfinite(point.loss[d]) else bad_grad.get(d)
-            if bad:
-                raise _NonFinite(
-                    f"{bad} is not finite on dataset {name!r} at step {self.step} (s={s:g} "
-                    "along the update); pass nonfinite='skip' (CLI --nonfinite skip) to mark "
-                    "such steps and continue"
-                )
-        return point
 
 
 def _host(x: torch.Tensor) -> np.ndarray:
