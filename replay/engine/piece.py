@@ -156,14 +156,19 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
     # With nonfinite="error" a step's θ_{t+1}, Δ and gradients are not checked one by one: a
     # NaN or Inf in any of them makes the step's LCA non-finite (NaN·0 is NaN), and the run
     # stops, so one test of the LCA proves them all finite; only then is the step re-checked
-    # in order, to name what went wrong (replay.engine.finite). "skip" must check before the reduction
-    # adds the step into the per-parameter sums; adaptive, before it splits on a NaN residual.
+    # in order, to name what went wrong (replay.engine.finite). "skip" must check before the
+    # reduction adds the step into the per-parameter sums; adaptive, before it splits on a NaN.
     eager = s.nonfinite == "skip" or s.quadrature == "adaptive"
     # A small model's steps are reduced after the piece's model passes, not between them
     # (where each small operation runs several times slower, see LossOracle.prefetch): their
     # Δ and mean gradients are kept until then, in the same order of additions into ``cum``.
-    held = _Held(n, nd, flat) if not eager and (n * (nd + 1) * flat.size * flat.theta
+    held = _Held(n, flat) if not eager and (n * (nd + 1) * flat.size * flat.theta
                                                 .element_size() <= AHEAD_BYTES) else None
+
+    def fail(k: int):  # the unchecked step k came out non-finite: name why, and stop
+        diagnose(rt.traj, flat, oracle, s, int(spec.steps[i0 + k]), int(spec.step_ends[i0 + k]),
+                 exact and k != n - 1)
+
     for j in range(n):
         t, t1 = int(spec.steps[i0 + j]), int(spec.step_ends[i0 + j])
         t_next, params, state = next(walk, (None, None, None))
@@ -199,6 +204,7 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
             out["splits"][j] = res.splits
             if held is not None:
                 torch.sub(theta1, theta0, out=held.deltas[j])
+                theta0 = None
                 held.gbar.append(res.gbar)
             else:
                 delta = torch.sub(theta1, theta0, out=flat.theta)
@@ -206,7 +212,6 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
                 _reduce(out, j, reducer, res.gbar, delta, cum, residual_groups)
                 if not eager and not np.isfinite(out["lca"][j]).all():
                     raise NonFinite("the LCA")
-            theta0 = None
             same_state = _same_state(state0, state)
             prev = res.end if (exact and same_state and res.end.grads is not None) else None
             if last and exact and res.end.grads is not None:
@@ -217,9 +222,7 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
             if not eager:  # the first step whose LCA is not finite, this one if none before
                 res = delta = prev = None
                 bad_j = held.reduce(out, reducer, cum, residual_groups) if held else None
-                bad_j = j if bad_j is None else bad_j
-                diagnose(rt.traj, flat, oracle, s, int(spec.steps[i0 + bad_j]),
-                         int(spec.step_ends[i0 + bad_j]), exact and bad_j != n - 1)
+                fail(j if bad_j is None else bad_j)
             if s.nonfinite != "skip":
                 raise ReplayError(str(err)) from None
             prev = None  # step stays NaN, splits 0: marked in the cube, done like the others
@@ -230,8 +233,7 @@ def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
     if held is not None:
         bad_j = held.reduce(out, reducer, cum, residual_groups)
         if bad_j is not None:
-            diagnose(rt.traj, flat, oracle, s, int(spec.steps[i0 + bad_j]),
-                     int(spec.step_ends[i0 + bad_j]), exact and bad_j != n - 1)
+            fail(bad_j)
         held = None
     walk.close()
     prev = None  # the writes below encode copies of cum: make room for them
@@ -281,7 +283,7 @@ def _reduce(out: dict, j: int, reducer: Reducer, gbar, delta, cum, residual_grou
 class _Held:
     """The Δ and mean gradients of a piece's first steps, reduced together afterwards."""
 
-    def __init__(self, n: int, nd: int, flat: FlatModel):
+    def __init__(self, n: int, flat: FlatModel):
         self.deltas = torch.empty((n, flat.size), dtype=flat.dtype, device=flat.device)
         self.gbar: list[list[torch.Tensor]] = []
 
