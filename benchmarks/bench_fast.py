@@ -8,8 +8,10 @@ end to end, datasets train and test, ``groups="tensor"``, 1 torch thread), with
 process, started once outside the timing; a run that starts its own cluster is shown apart),
 against a plain torch loop in this process doing the engine's own number of gradient
 evaluations at the same points over the same batches at 1 thread (``bench_replay.PlainLoop``).
-Efficiency = loop time / engine time (target >= 0.9), for each replay length; medians of
-interleaved runs, three times as many for a replay of at most 100 steps. Usage::
+Efficiency = loop time / engine time (target >= 0.9), for each replay length: the median of
+the ratios within each round of interleaved runs (``common.paired``), three times as many
+rounds for a replay of at most 100 steps; the ratio of the medians is printed beside it. The
+cube a run leaves is removed before the next, untimed. Usage::
 
     python benchmarks/bench_fast.py [--steps 40,400] [--repeats 3] [--train-size 256]
                                     [--work DIR] [--quick]
@@ -72,11 +74,15 @@ def measure(args, steps: int, targs: dict, work: str, loop, client) -> list[dict
     points = simpson_points(store, evaluations)
     # A short replay's runs are ten times shorter, and noisier: more of them, in the same time.
     repeats = args.repeats * (3 if steps <= 100 and not args.quick else 1)
+    def fresh():  # untimed, before each engine run
+        shutil.rmtree(out, ignore_errors=True)
+
     times = common.interleave({
-        "sync": lambda: engine_run(store, out, task=TASK, scheduler="sync", **kw),
-        "local": lambda: engine_run(store, out, task=TASK, scheduler=client, **kw),
+        "sync": lambda: engine_run(store, out, task=TASK, scheduler="sync", clean=False, **kw),
+        "local": lambda: engine_run(store, out, task=TASK, scheduler=client, clean=False, **kw),
         "bound": lambda: loop.run(points),
-    }, repeats, warmup={"bound": lambda: loop.run(points[:3])})
+    }, repeats, warmup={"bound": lambda: loop.run(points[:3])},
+        before={"sync": fresh, "local": fresh})
     t0 = time.perf_counter()
     engine_run(store, out, task=TASK, scheduler="local:1", **kw)
     cold = time.perf_counter() - t0
@@ -92,8 +98,9 @@ def measure(args, steps: int, targs: dict, work: str, loop, client) -> list[dict
     common.log(f"  local:1 starting its own cluster: {cold:.2f} s")
     rows = []
     for name in ("sync", "local"):
-        eff = med["bound"] / med[name]
-        common.log(f"  efficiency {name} = {eff:.3f} (target >= 0.9)")
+        eff = common.paired(times, "bound", name)
+        common.log(f"  efficiency {name} = {eff:.3f} (target >= 0.9; median of the rounds' "
+                   f"ratios; ratio of the medians {med['bound'] / med[name]:.3f})")
         rows.append(common.row(
             f"fast-model replay efficiency, {steps} steps, {name}", eff, ">= 0.9", eff >= 0.9,
             f"{med[name]:.2f} s vs {med['bound']:.2f} s, {evaluations} evaluations of "

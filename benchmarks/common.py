@@ -2,7 +2,8 @@
 
 Every benchmark is a script that prints a human-readable report and, last, one line
 ``RESULT {json}`` that ``run_all.py`` collects into the table. Timings are medians of
-interleaved repeats (A, B, A, B, …) so that both sides of a ratio see the same machine load.
+interleaved repeats (A, B, A, B, …) so that both sides of a ratio see the same machine load;
+an efficiency is the median of the rounds' own ratios (:func:`paired`).
 """
 
 from __future__ import annotations
@@ -61,11 +62,13 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 
 def interleave(cases: dict[str, Callable[[], object]], repeats: int,
-               warmup: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
+               warmup: dict[str, Callable[[], object]] | None = None,
+               before: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
     """Run every case once per round, rotating the order each round; seconds per case.
 
     ``warmup``: callables run once first (e.g. the same work on one step), so one-time costs
-    (imports, JIT caches, allocator growth) do not land in the first round.
+    (imports, JIT caches, allocator growth) do not land in the first round. ``before``: per
+    case, a callable run untimed before each of its runs (e.g. removing the previous output).
     """
     names = list(cases)
     for fn in (warmup or {}).values():
@@ -74,8 +77,18 @@ def interleave(cases: dict[str, Callable[[], object]], repeats: int,
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            if before and name in before:
+                before[name]()
             times[name].append(timed(cases[name])[0])
     return times
+
+
+def paired(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of ``times[num][r] / times[den][r]``: the ratio of two cases timed in
+    the same round of :func:`interleave`. This machine's speed drifts over seconds (the same
+    work's run times correlate from one run to the next), so a ratio within a round cancels
+    the drift that a ratio of two medians keeps."""
+    return median([a / b for a, b in zip(times[num], times[den])])
 
 
 def median(xs) -> float:

@@ -337,3 +337,26 @@ def test_sums_a_task_writes_itself_equal_those_it_hands_to_the_driver(store, tmp
     for d in a:
         for name in a[d]:
             assert torch.equal(a[d][name], b[d][name]), (d, name)
+
+
+def test_a_trajectory_recorded_again_at_the_same_path_is_read_anew(tmp_path):
+    # In one process (a notebook), sync replays keep their model, data and trajectory between
+    # runs; a store deleted and recorded again at the same path must not be read through them.
+    import shutil
+
+    from replay.engine.driver import prepare
+    from replay.engine.piece import compute_piece
+
+    path = str(tmp_path / "traj")
+    kw = dict(task=TASK, progress=False, datasets=["train"], scheduler="sync")
+    record(path, steps=6, lr=0.05)
+    replay.run(path, out=str(tmp_path / "a.zarr"), **kw)
+    stale = prepare(path, out=str(tmp_path / "c.zarr"), **kw)
+    shutil.rmtree(path)
+    record(path, steps=6, lr=0.2)
+    again = replay.run(path, out=str(tmp_path / "b.zarr"), **kw)
+    fresh = replay.run(path, out=str(tmp_path / "d.zarr"), **{**kw, "scheduler": "local:1"})
+    assert np.array_equal(again["lca"].values, fresh["lca"].values)
+    assert np.array_equal(again["loss"].values, fresh["loss"].values)
+    with pytest.raises(ReplayError, match="changed after this replay was planned"):
+        compute_piece(stale.spec, 0, 1)

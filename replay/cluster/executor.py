@@ -2,7 +2,9 @@
 scheduler, or a dask-jobqueue cluster on a batch system.
 
 ``executor(...)`` is a context manager yielding ``(run, description)``: ``run(fn, spec, pieces)``
-returns an iterator of task results in completion order. Every worker runs torch with
+returns an iterator of the pieces' results in completion order, where ``fn(spec, pieces)``
+yields the results of pieces it is given in order (:func:`replay.engine.piece.compute_pieces`):
+in-process all of them in one call, on Dask a task's group. Every worker runs torch with
 ``threads`` intra-op threads, because float results depend on the thread count and a replay
 must give the same numbers for any scheduler.
 """
@@ -59,8 +61,7 @@ def executor(scheduler, *, threads: int = 1, device: str = "cpu",
 
             saved = torch.get_num_threads(), numba.get_num_threads()
             try:
-                for i0, i1 in pieces:
-                    yield _with_threads(fn, spec, i0, i1, threads)
+                yield from _with_threads(fn, spec, pieces, threads)
             finally:  # the caller's process (often IPython) keeps its own settings
                 torch.set_num_threads(saved[0])
                 numba.set_num_threads(saved[1])
@@ -129,12 +130,12 @@ def executor(scheduler, *, threads: int = 1, device: str = "cpu",
                 yield from run_lanes(client, _run_group, (fn, spec, threads), pieces, slots)
                 return
             # No worker yet: every piece its own task, placed by Dask as workers arrive.
-            futures = [client.submit(_with_threads, fn, spec, i0, i1, threads, pure=False,
+            futures = [client.submit(_run_group, fn, spec, threads, [piece], pure=False,
                                      priority=len(pieces) - k)
-                       for k, (i0, i1) in enumerate(pieces)]
+                       for k, piece in enumerate(pieces)]
             try:
                 for future in as_completed(futures):
-                    yield future.result()
+                    yield from future.result()
             finally:
                 for f in futures:
                     f.cancel()
@@ -158,14 +159,14 @@ def _connect(what: str, **where):
 
 
 def _run_group(fn, spec, threads, group):
-    """The pieces of one Dask task (:mod:`replay.cluster.lanes`), run in order."""
-    return [_with_threads(fn, spec, i0, i1, threads) for i0, i1 in group]
+    """The pieces of one Dask task (:mod:`replay.cluster.lanes`), run in order; their results."""
+    return list(_with_threads(fn, spec, group, threads))
 
 
-def _with_threads(fn, spec, i0, i1, threads):
+def _with_threads(fn, spec, pieces, threads):
     import numba
 
     restore_malloc_thresholds()
 
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    return fn(spec, i0, i1)
+    return fn(spec, pieces)

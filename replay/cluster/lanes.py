@@ -5,7 +5,8 @@ slot's worker, so that a worker gets the piece starting where its previous one e
 its end gradient (``piece._Carry``); a lost worker's pieces still run elsewhere. Every Dask task
 costs milliseconds of scheduling and messages between client, scheduler and worker, as much as
 a fast model's piece, so once a lane's speed is known its next pieces go as one task of about
-:data:`TASK_SECONDS` of compute, still run one by one and returned piece by piece. Each lane
+:data:`TASK_SECONDS` of compute, walked as one run (``piece.compute_pieces``) and returned
+piece by piece. Each lane
 keeps :data:`IN_FLIGHT` tasks submitted, so that its worker never waits for the next one.
 Only placement and grouping change; results do not depend on them.
 """

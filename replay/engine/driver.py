@@ -26,7 +26,7 @@ from replay.cube import writer as cubes
 from replay.cube.buffer import INLINE_BYTES, ResultBuffer
 from replay.cube.lock import CubeLock
 from replay.engine.gradients import plan_batches, sorts_by_size, to_device
-from replay.engine.piece import Spec, compute_piece, release_buffers
+from replay.engine.piece import Spec, compute_pieces, release_buffers
 from replay.engine.plan import (absolute, default_chunk, default_cube_path, default_piece,
                                 intervals, plan_pieces, select_steps)
 from replay.engine.preflight import check_files, check_model
@@ -188,7 +188,8 @@ def prepare(trajectory, task=None, *, settings: ReplaySettings | None = None,
     size = sum(int(np.prod(shape, dtype=np.int64)) for shape in shapes_u.values())
     spec = Spec(s.for_workers(), absolute(traj.path), ref, args, tuple(names), groupings,
                 uses, batch, out, starts, ends, task_obj,
-                inline_parts=size * len(names) * 8 <= INLINE_BYTES)
+                inline_parts=size * len(names) * 8 <= INLINE_BYTES,
+                manifest=traj.manifest_sha256)
     return Plan(s, spec, writer, pieces, selected, names_u, shapes_u, layout.chunk, piece,
                 created)
 
@@ -272,7 +273,7 @@ def execute(plan: Plan, pieces: list[tuple[int, int]], done: np.ndarray | None =
                        dynamic_ncols=True)
         held = ResultBuffer(writer, spec.datasets)
         try:
-            for result in run_(compute_piece, spec, pieces):
+            for result in run_(compute_pieces, spec, pieces):
                 held.add(result)
                 stats["evaluations"] += result["evaluations"]
                 stats["forwards"] += result["forwards"]
