@@ -12,9 +12,10 @@ rule (exact Simpson) and precision (float32). Interleaved in one run:
 - engine, ``scheduler="sync"`` (in-process, 1 torch thread);
 - naive again at 1 torch thread, to compare with sync on equal resources (one core each).
 
-Checks first that the engine's per-tensor LCA equals the naive script's (relative difference
-of the per-step, per-tensor values, normalised by the largest one). Target: engine >= 2.5x
-faster. Usage::
+Each ratio is the median of the rounds' own (``common.paired``); an engine's previous cube is
+removed untimed. Checks first that the engine's per-tensor LCA equals the naive script's
+(relative difference of the per-step, per-tensor values, normalised by the largest one).
+Target: engine >= 2.5x faster. Usage::
 
     python benchmarks/bench_naive.py [--steps 10] [--repeats 3] [--work DIR] [--quick]
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -93,19 +95,23 @@ def main(argv=None) -> dict:
                     torch.set_num_threads(saved)
             return go
 
-        cases = {
-            "naive": naive_at(default_threads),
-            "naive-1-thread": naive_at(1),
-            "engine-local": lambda: engine_run(store, os.path.join(work, "naive-b.zarr"),
-                                               scheduler="local", **kw),
-            "engine-warm": lambda: engine_run(store, os.path.join(work, "naive-c.zarr"),
-                                              scheduler=client, **kw),
-            "engine-sync": lambda: engine_run(store, os.path.join(work, "naive-d.zarr"),
-                                              scheduler="sync", **kw),
-        }
-        warm = {"engine-warm": lambda: engine_run(store, os.path.join(work, "naive-c.zarr"),
+        cubes = {name: os.path.join(work, f"naive-{name}.zarr")
+                 for name in ("engine-local", "engine-warm", "engine-sync")}
+        scheduler = {"engine-local": "local", "engine-warm": client, "engine-sync": "sync"}
+
+        def engine_at(name):
+            return lambda: engine_run(store, cubes[name], scheduler=scheduler[name],
+                                      clean=False, **kw)
+
+        def fresh(name):  # untimed: the naive script leaves nothing to remove either
+            return lambda: shutil.rmtree(cubes[name], ignore_errors=True)
+
+        cases = {"naive": naive_at(default_threads), "naive-1-thread": naive_at(1),
+                 **{name: engine_at(name) for name in cubes}}
+        warm = {"engine-warm": lambda: engine_run(store, cubes["engine-warm"],
                                                   scheduler=client, steps="0:2", **kw)}
-        times = common.interleave(cases, args.repeats, warmup=warm)
+        times = common.interleave(cases, args.repeats, warmup=warm,
+                                  before={name: fresh(name) for name in cubes})
     finally:
         client.close()
         cluster.close()
@@ -115,16 +121,18 @@ def main(argv=None) -> dict:
                f"evaluations), engine {evaluations} evaluations; median of {args.repeats} "
                "interleaved runs")
     for k, v in med.items():
-        common.log(f"  {k:15s} {v:8.2f} s   naive / this = {med['naive'] / v:5.2f}x")
+        common.log(f"  {k:15s} {v:8.2f} s   naive / this = "
+                   f"{common.paired(times, 'naive', k):5.2f}x (median of the rounds' ratios; "
+                   f"of the medians {med['naive'] / v:.2f}x)")
     rows = []
     for key, label in (("engine-local", f"local:{workers}, incl. cluster start"),
                        ("engine-warm", f"local:{workers}, running cluster"),
                        ("engine-sync", "sync, 1 thread")):
-        ratio = med["naive"] / med[key]
+        ratio = common.paired(times, "naive", key)
         rows.append(common.row(f"vs naive script ({default_threads} threads): engine {label}",
                                ratio, ">= 2.5x", ratio >= 2.5,
                                f"{med[key]:.1f} s vs {med['naive']:.1f} s", fmt="{:.2f}x"))
-    same = med["naive-1-thread"] / med["engine-sync"]
+    same = common.paired(times, "naive-1-thread", "engine-sync")
     rows.append(common.row("vs naive script, both on 1 core: engine sync / naive 1 thread",
                            same, "report", None, f"{med['engine-sync']:.1f} s vs "
                            f"{med['naive-1-thread']:.1f} s: the work saved per step",

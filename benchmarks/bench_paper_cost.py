@@ -5,7 +5,8 @@ one fresh mini-batch per update and first-order LCA — ``gradient=replay.Sample
 batch_size=B)``, ``quadrature="first-order"``, dataset train, ``groups="tensor"``, sync, 1
 torch thread: per step one forward and backward at θ_t plus the forward for ``loss_next`` — is
 timed against a training step of the same model at the same batch size and thread count
-(forward, backward, Adam step), both in this warm process, their repeats interleaved. Two
+(forward, backward, Adam step), both in this warm process, their repeats interleaved (the
+ratio is the median of each round's own, ``common.paired``; the cube is removed untimed). Two
 models: the demo ToyNMT (``configs/demo.yaml``, a training step of ≥ 15 ms; target ≤ 1.4
 training steps per replayed step) and ``TinyCNN`` at 16/32 channels (a step of ~3 ms;
 target ≤ 1.5); TinyCNN at 8/16 channels, whose step is shorter still, is reported beside it.
@@ -110,8 +111,10 @@ def compare(label: str, store: str, task_ref: str, task_args: dict, steps: int,
 
     short = max(1, steps // 4)
 
-    def replay_once(n=steps):
+    def fresh():  # untimed, before each replay
         shutil.rmtree(out, ignore_errors=True)
+
+    def replay_once(n=steps):
         replay.run(store, task=task_ref, task_args=task_args, datasets=["train"],
                    gradient=sample, quadrature="first-order", scheduler="sync", threads=1,
                    groups="tensor", out=out, progress=False, steps=f"0:{n}")
@@ -122,13 +125,14 @@ def compare(label: str, store: str, task_ref: str, task_args: dict, steps: int,
     times = common.interleave({"replay": replay_once, "short": lambda: replay_once(short),
                                "train": lambda: training.steps(block),
                                "floor": lambda: floor.steps(steps)},
-                              repeats, warmup={"replay": replay_once,
+                              repeats, warmup={"replay": lambda: (fresh(), replay_once()),
                                                "train": lambda: training.steps(10),
-                                               "floor": lambda: floor.steps(3)})
+                                               "floor": lambda: floor.steps(3)},
+                              before={"replay": fresh, "short": fresh})
     per_replay = common.median(times["replay"]) / steps
     per_train = common.median(times["train"]) / block
     per_floor = common.median(times["floor"]) / steps
-    ratio = per_replay / per_train
+    ratio = common.paired(times, "replay", "train") * block / steps
     # The cost of one more step, without the run's fixed costs (planning, the cube, final sums)
     marginal = (common.median(times["replay"]) - common.median(times["short"])) / (steps - short)
     common.log(f"{label}: batch {batch_size}, 1 thread, {steps} replayed steps, {block} "
@@ -145,7 +149,9 @@ def compare(label: str, store: str, task_ref: str, task_args: dict, steps: int,
                f"step costs {marginal * 1e3:.2f} ms, {marginal / per_train:.2f} training steps; "
                f"fixed cost per run {common.median(times['replay']) - steps * marginal:.2f} s")
     common.log(f"  replayed step / training step = {ratio:.2f}"
-               + (f" (target <= {target})" if target else " (no target: a shorter step)"))
+               + (f" (target <= {target})" if target else " (no target: a shorter step)")
+               + f"; median of the rounds' ratios (ratio of the medians "
+               f"{per_replay / per_train:.2f})")
     return [common.row(f"sampled first-order replay / training step, {label}", ratio,
                        f"<= {target}" if target else "report",
                        ratio <= target if target else None,
