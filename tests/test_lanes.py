@@ -64,3 +64,27 @@ def test_fast_pieces_go_in_fewer_tasks_with_the_same_cube(store, tmp_path, monke
         str(tmp_path / "dask.zarr"))
     assert all(bool((a[d][k] == b[d][k]).all()) for d in a for k in a[d])
     assert xr.open_zarr(tmp_path / "dask.zarr")["done"].values.all()
+
+
+def test_a_groups_results_travel_packed_and_come_back_the_same():
+    from replay.cluster.executor import _pack, _unpack
+
+    rng = np.random.default_rng(0)
+    for parts in (True, False):
+        results = [{"lca": rng.random((n, 3, 2)), "helped": np.ones((n, 3, 2), np.int64),
+                    "loss": rng.random((n, 2)), "splits": np.arange(n), "i0": i0,
+                    "i1": i0 + n, "evaluations": 2 * n, "forwards": 0, "seconds": 0.5 * n,
+                    "parts": [rng.random(7), rng.random(7)] if parts else None}
+                   for i0, n in ((0, 3), (3, 1), (4, 4))]
+        packed = _pack(results)
+        assert sum(isinstance(v, np.ndarray) for v in packed["steps"].values()) == 4
+        for a, b in zip(results, _unpack(packed), strict=True):
+            assert a.keys() == b.keys()
+            for key, value in a.items():
+                if key == "parts":
+                    assert (value is None and b[key] is None) or all(
+                        np.array_equal(x, y) for x, y in zip(value, b[key], strict=True))
+                elif isinstance(value, np.ndarray):
+                    assert np.array_equal(value, b[key]) and value.dtype == b[key].dtype
+                else:
+                    assert value == b[key] and type(value) is type(b[key])

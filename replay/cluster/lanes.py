@@ -47,9 +47,10 @@ def take_group(lane: deque, rate: float | None) -> list[Piece]:
 
 
 def run_lanes(client, task: Callable, args: tuple, pieces: list[Piece],
-              slots: list[str]) -> Iterator[dict]:
-    """Run ``task(*args, group)`` (a list of piece results) over ``pieces`` on ``slots``
-    (worker addresses, one per task slot); yields the pieces' results as tasks complete."""
+              slots: list[str], unpack: Callable = list) -> Iterator[dict]:
+    """Run ``task(*args, group)`` over ``pieces`` on ``slots`` (worker addresses, one per task
+    slot); yields the pieces' results as tasks complete, ``unpack`` making the list of a
+    group's results from what its task returned."""
     from distributed import as_completed
 
     lanes = [deque(lane) for lane in split_lanes(pieces, len(slots))]
@@ -74,7 +75,7 @@ def run_lanes(client, task: Callable, args: tuple, pieces: list[Piece],
             submit(k)
     try:
         for future in done:
-            results = future.result()
+            results = unpack(future.result())
             k = lane_of.pop(future)
             steps = sum(r["i1"] - r["i0"] for r in results)
             rates[k] = sum(r["seconds"] for r in results) / max(steps, 1)
