@@ -1,9 +1,11 @@
-"""One replay task: a contiguous piece of intervals, replayed on whatever worker runs it.
+"""Pieces of intervals replayed on whatever worker runs them (a piece: a contiguous run of
+intervals inside one cube chunk).
 
-A task rebuilds θ at its first step from the nearest keyframe, walks forward, integrates each
-interval, reduces LCA into groups, writes its per-parameter partial sums into the cube, and
-returns the small per-step arrays for the driver to write. Everything it needs is in a
-picklable :class:`Spec`; models and data are cached per worker thread between tasks.
+A call rebuilds θ at its first step from the nearest keyframe, walks forward, integrates each
+interval, reduces LCA into groups, writes each piece's per-parameter partial sums into the cube
+(or hands them back), and yields each piece's small per-step arrays for the driver to write.
+Everything it needs is in a picklable :class:`Spec`; models and data are cached per worker
+thread between calls.
 """
 
 from __future__ import annotations
