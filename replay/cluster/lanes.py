@@ -6,9 +6,8 @@ its end gradient (``piece._Carry``); a lost worker's pieces still run elsewhere.
 costs milliseconds of scheduling and messages between client, scheduler and worker, as much as
 a fast model's piece, so once a lane's speed is known its next pieces go as one task of about
 :data:`TASK_SECONDS` of compute, walked as one run (``piece.compute_pieces``) and returned
-piece by piece. Each lane
-keeps :data:`IN_FLIGHT` tasks submitted, so that its worker never waits for the next one.
-Only placement and grouping change; results do not depend on them.
+piece by piece. Each lane keeps :data:`IN_FLIGHT` tasks submitted, so that its worker never
+waits for the next one. Only placement and grouping change; results do not depend on them.
 """
 
 from __future__ import annotations
