@@ -74,15 +74,12 @@ def measure(args, steps: int, targs: dict, work: str, loop, client) -> list[dict
     points = simpson_points(store, evaluations)
     # A short replay's runs are ten times shorter, and noisier: more of them, in the same time.
     repeats = args.repeats * (3 if steps <= 100 and not args.quick else 1)
-    def fresh():  # untimed, before each engine run
-        shutil.rmtree(out, ignore_errors=True)
-
     times = common.interleave({
         "sync": lambda: engine_run(store, out, task=TASK, scheduler="sync", clean=False, **kw),
         "local": lambda: engine_run(store, out, task=TASK, scheduler=client, clean=False, **kw),
         "bound": lambda: loop.run(points),
     }, repeats, warmup={"bound": lambda: loop.run(points[:3])},
-        before={"sync": fresh, "local": fresh})
+        before={"sync": common.removal(out), "local": common.removal(out)})
     t0 = time.perf_counter()
     engine_run(store, out, task=TASK, scheduler="local:1", **kw)
     cold = time.perf_counter() - t0

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import tempfile
 
 import numpy as np
@@ -103,15 +102,12 @@ def main(argv=None) -> dict:
             return lambda: engine_run(store, cubes[name], scheduler=scheduler[name],
                                       clean=False, **kw)
 
-        def fresh(name):  # untimed: the naive script leaves nothing to remove either
-            return lambda: shutil.rmtree(cubes[name], ignore_errors=True)
-
         cases = {"naive": naive_at(default_threads), "naive-1-thread": naive_at(1),
                  **{name: engine_at(name) for name in cubes}}
         warm = {"engine-warm": lambda: engine_run(store, cubes["engine-warm"],
                                                   scheduler=client, steps="0:2", **kw)}
         times = common.interleave(cases, args.repeats, warmup=warm,
-                                  before={name: fresh(name) for name in cubes})
+                                  before={name: common.removal(cube) for name, cube in cubes.items()})
     finally:
         client.close()
         cluster.close()

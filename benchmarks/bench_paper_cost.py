@@ -111,9 +111,6 @@ def compare(label: str, store: str, task_ref: str, task_args: dict, steps: int,
 
     short = max(1, steps // 4)
 
-    def fresh():  # untimed, before each replay
-        shutil.rmtree(out, ignore_errors=True)
-
     def replay_once(n=steps):
         replay.run(store, task=task_ref, task_args=task_args, datasets=["train"],
                    gradient=sample, quadrature="first-order", scheduler="sync", threads=1,
@@ -125,10 +122,10 @@ def compare(label: str, store: str, task_ref: str, task_args: dict, steps: int,
     times = common.interleave({"replay": replay_once, "short": lambda: replay_once(short),
                                "train": lambda: training.steps(block),
                                "floor": lambda: floor.steps(steps)},
-                              repeats, warmup={"replay": lambda: (fresh(), replay_once()),
+                              repeats, warmup={"replay": lambda: (common.removal(out)(), replay_once()),
                                                "train": lambda: training.steps(10),
                                                "floor": lambda: floor.steps(3)},
-                              before={"replay": fresh, "short": fresh})
+                              before={"replay": common.removal(out), "short": common.removal(out)})
     per_replay = common.median(times["replay"]) / steps
     per_train = common.median(times["train"]) / block
     per_floor = common.median(times["floor"]) / steps

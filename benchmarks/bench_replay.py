@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
         "engine": lambda: engine_run(store, out, clean=False, **kw),
         "bound": lambda: loop.run(points),
     }, args.repeats, warmup={"bound": lambda: loop.run(points[:3])},
-        before={"engine": lambda: shutil.rmtree(out, ignore_errors=True)})
+        before={"engine": common.removal(out)})
     engine, bound = common.median(times["engine"]), common.median(times["bound"])
     eff = common.paired(times, "bound", "engine")
     common.log(f"demo ToyNMT, {args.steps} steps, exact Simpson on {'+'.join(DATASETS)}, "

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -81,6 +82,13 @@ def interleave(cases: dict[str, Callable[[], object]], repeats: int,
                 before[name]()
             times[name].append(timed(cases[name])[0])
     return times
+
+
+def removal(path: str) -> Callable[[], None]:
+    """A callable that removes ``path`` (a replay's cube), for :func:`interleave`'s ``before``:
+    the previous run's output is not the next run's work, and the plain loop a replay is
+    compared with removes nothing either."""
+    return lambda: shutil.rmtree(path, ignore_errors=True)
 
 
 def paired(times: dict[str, list[float]], num: str, den: str) -> float:

@@ -46,7 +46,7 @@ def take_group(lane: deque, rate: float | None) -> list[Piece]:
 
 
 def run_lanes(client, task: Callable, args: tuple, pieces: list[Piece],
-              slots: list[str], unpack: Callable = list) -> Iterator[dict]:
+              slots: list[str], unpack: Callable) -> Iterator[dict]:
     """Run ``task(*args, group)`` over ``pieces`` on ``slots`` (worker addresses, one per task
     slot); yields the pieces' results as tasks complete, ``unpack`` making the list of a
     group's results from what its task returned."""
