@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from replay.cube import schema
+from replay.cube import opening, schema
 from replay.errors import CubeError, LCAError
 
 def _is_url(path: str) -> bool:
@@ -29,11 +29,13 @@ def open_cube(path: str | os.PathLike) -> xr.Dataset:
     if not _is_url(path) and not Path(path).exists():
         raise CubeError(f"cube {path} does not exist: give the directory `lca replay` wrote")
     try:
-        try:
-            ds = xr.open_zarr(path, consolidated=True)
-        except (ValueError, KeyError):
-            # No consolidated metadata (e.g. a cube still being written): read it array by array.
-            ds = xr.open_zarr(path, consolidated=False)
+        ds = opening.open_local(path)
+        if ds is None:
+            try:
+                ds = xr.open_zarr(path, consolidated=True)
+            except (ValueError, KeyError):
+                # No consolidated metadata (e.g. a cube still being written): array by array.
+                ds = xr.open_zarr(path, consolidated=False)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CubeError(f"cube {path} is not a readable zarr store ({first}); "

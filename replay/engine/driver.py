@@ -21,7 +21,7 @@ import torch
 import xarray as xr
 
 from replay.cluster.executor import JOBQUEUE, executor
-from replay.cube import failure, param_lca, schema, zarr_files
+from replay.cube import failure, opening, param_lca, schema, zarr_files
 from replay.cube import writer as cubes
 from replay.cube.buffer import INLINE_BYTES, ResultBuffer
 from replay.cube.lock import CubeLock
@@ -77,7 +77,7 @@ def run(trajectory, task=None, *, settings: ReplaySettings | None = None,
         raise
     if settings.progress:
         _summary(spec.cube, stats, plan.selected, time.perf_counter() - began, complete)
-    return xr.open_zarr(spec.cube)
+    return opening.open_dataset(spec.cube)
 
 
 @dataclass
