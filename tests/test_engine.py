@@ -318,7 +318,7 @@ def test_sums_a_task_writes_itself_equal_those_it_hands_to_the_driver(store, tmp
     # Small chunks make the finish add the tasks' sums chunk by chunk, as on a big model.
     import replay.cube.param_lca as param_lca
     import replay.engine.driver as driver
-    import replay.engine.piece as piece
+    import replay.engine.runtime as runtime
 
     kw = dict(task=TASK, scheduler="sync", progress=False, chunk_size=3, precision="float64")
     inline = replay.run(store, out=str(tmp_path / "inline.zarr"), **kw)
@@ -326,8 +326,8 @@ def test_sums_a_task_writes_itself_equal_those_it_hands_to_the_driver(store, tmp
     monkeypatch.setattr(param_lca, "CHUNK", 7)
     own = replay.run(store, out=str(tmp_path / "own.zarr"), **kw)
     # The run is over: the process keeps its model, not the last end point or the sums.
-    assert piece._CACHE and all(rt.carry is None and rt.sums is None
-                                for rt in piece._CACHE.values())
+    assert runtime._CACHE and all(rt.carry is None and rt.sums is None
+                                for rt in runtime._CACHE.values())
     parts = zarr.open_array(str(tmp_path / "own.zarr" / "param_lca" / "train"))
     assert parts.chunks == (7,) and parts.shape[0] > 7
     assert np.array_equal(inline["lca"].values, own["lca"].values)

@@ -2,7 +2,7 @@
 
 The pieces are dealt into one contiguous *lane* per task slot, each lane pinned loosely to its
 slot's worker, so that a worker gets the piece starting where its previous one ended and reuses
-its end gradient (``piece._Carry``); a lost worker's pieces still run elsewhere. Every Dask task
+its end gradient (``runtime.Carry``); a lost worker's pieces still run elsewhere. Every Dask task
 costs milliseconds of scheduling and messages between client, scheduler and worker, as much as
 a fast model's piece, so once a lane's speed is known its next pieces go as one task of about
 :data:`TASK_SECONDS` of compute, walked as one run (``piece.compute_pieces``) and returned

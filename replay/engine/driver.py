@@ -26,7 +26,8 @@ from replay.cube import writer as cubes
 from replay.cube.buffer import INLINE_BYTES, ResultBuffer
 from replay.cube.lock import CubeLock
 from replay.engine.gradients import plan_batches, sorts_by_size, to_device
-from replay.engine.piece import Spec, compute_pieces, release_buffers
+from replay.engine.piece import compute_pieces
+from replay.engine.runtime import Spec, release_buffers
 from replay.engine.plan import (absolute, default_chunk, default_cube_path, default_piece,
                                 intervals, plan_pieces, select_steps)
 from replay.engine.preflight import check_files, check_model
@@ -200,7 +201,7 @@ def _has_ties(traj) -> bool:
 
 
 # Tasks built from a reference in this process, by reference and arguments, as the replay's
-# runtimes are cached (replay.engine.piece): a second replay in a notebook or a benchmark does
+# runtimes are cached (replay.engine.runtime): a second replay in a notebook or a benchmark does
 # not build its data and model again to check them. Models checked against a trajectory, too.
 _TASKS: dict[str, object] = {}
 _KEEP_TASKS = 4

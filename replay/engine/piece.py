@@ -4,141 +4,29 @@ intervals inside one cube chunk).
 A call rebuilds θ at its first step from the nearest keyframe, walks forward, integrates each
 interval, reduces LCA into groups, writes each piece's per-parameter partial sums into the cube
 (or hands them back), and yields each piece's small per-step arrays for the driver to write.
-Everything it needs is in a picklable :class:`Spec`; models and data are cached per worker
-thread between calls.
+Everything it needs is in a picklable :class:`~replay.engine.runtime.Spec`; models and data
+are kept per worker thread between calls (:mod:`replay.engine.runtime`).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from replay.cube.param_lca import write_param_part
-from replay.engine.devices import task_device
 from replay.engine.finite import Chord, NonFinite, diagnose, flatten_checked, update_message
 from replay.engine.flat_model import FlatModel
-from replay.engine.gradients import AHEAD_BYTES, LossOracle
+from replay.engine.gradients import AHEAD_BYTES
 from replay.engine.kernel import Reducer
-from replay.engine.quadrature import Point, integrate
-from replay.engine.tied import untie
+from replay.engine.quadrature import integrate
+from replay.engine.runtime import Carry, Runtime, Spec, release_buffers, runtime, same_state
 from replay.errors import ReplayError
-from replay.settings import ReplaySettings
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass
-class Spec:
-    """Everything a replay task needs, picklable: the settings as workers see them and what
-    the driver resolved from them."""
-
-    settings: ReplaySettings
-    trajectory: str
-    task_ref: str | None
-    task_args: dict
-    datasets: tuple[str, ...]
-    groupings: list
-    uses: dict[str, str]  # parameter name -> recorded name (replay.engine.tied)
-    batch_size: int  # of the data loop, resolved from the settings and the task
-    cube: str
-    steps: np.ndarray  # interval starts (n,)
-    step_ends: np.ndarray  # interval ends (n,)
-    task_obj: Any = field(default=None, repr=False)  # a Task instance passed from Python
-    inline_parts: bool = False  # per-parameter partial sums go back with the result
-    # The manifest's sha256 when the replay was planned: a trajectory recorded again at the
-    # same path (a notebook's next run) must not be read through a runtime opened on the old one.
-    manifest: str = ""
-
-    def cache_key(self) -> str:
-        s = self.settings
-        return json.dumps([self.trajectory, self.manifest, self.task_ref, self.task_args,
-                           s.precision, s.device, s.tied, self.datasets, self.batch_size,
-                           id(self.task_obj) if self.task_obj is not None else None,
-                           repr(s.mode)], sort_keys=True, default=str)
-
-
-class _Runtime:
-    def __init__(self, spec: Spec):
-        from replay.store.trajectory import open_trajectory
-        from replay.task import load_task
-
-        self.path, self.manifest = spec.trajectory, spec.manifest
-        self.traj = open_trajectory(spec.trajectory)
-        if spec.manifest and self.traj.manifest_sha256 != spec.manifest:
-            raise ReplayError(f"trajectory {spec.trajectory} changed after this replay was "
-                              "planned (recorded again?); run the replay again")
-        task = spec.task_obj if spec.task_obj is not None else load_task(spec.task_ref,
-                                                                          spec.task_args)
-        where = f"task {spec.task_ref!r}" if spec.task_ref else "the task"
-        model = task.build_model()
-        untie(model, spec.uses)
-        shapes = {use: self.traj.shapes[name] for use, name in spec.uses.items()}
-        self.flat = FlatModel(model, list(spec.uses), shapes, DTYPES[spec.settings.precision],
-                              task_device(spec.settings.device), where=where, source=spec.uses)
-        self.oracle = LossOracle(task, self.flat, spec.datasets, spec.settings.mode,
-                                 spec.batch_size)
-        # The last piece's end point (exact mode): when this worker next runs the piece that
-        # starts there, its first gradient evaluation is reused instead of recomputed.
-        self.carry: _Carry | None = None
-        self.sums: list[np.ndarray] | None = None  # see _sums
-        self._reducer: tuple[list, Reducer] | None = None
-
-    def reducer(self, groupings: list) -> Reducer:
-        """The Reducer of ``groupings``, kept while the pieces come with the same list: a
-        sync replay's pieces and a Dask task's group share one Spec, and building the
-        reduction's plan costs as much as reducing a small model's piece."""
-        if self._reducer is None or self._reducer[0] is not groupings:
-            flat = self.flat
-            self._reducer = (groupings, Reducer(groupings, {name: flat.shapes[name]
-                                                            for name in flat.names}))
-        return self._reducer[1]
-
-
-@dataclass
-class _Carry:
-    """An end point θ_{t1} with its gradients, and what they were computed with."""
-
-    theta: torch.Tensor  # (D,) θ_{t1}
-    state: dict  # the frozen parameters and buffers loaded when it was evaluated
-    threads: int
-    point: Point
-
-    def matches(self, theta: torch.Tensor, state: dict, threads: int) -> bool:
-        # Same θ, state and thread count give bit-identical gradients (CPU kernels are
-        # deterministic for a fixed thread count), so reuse cannot change any result.
-        return (threads == self.threads and _same_state(state, self.state)
-                and torch.equal(theta, self.theta))
-
-
-_CACHE: dict[tuple[int, str], _Runtime] = {}
-
-
-def release_buffers() -> None:
-    """Drop what this process's runtimes keep for a next piece (the end point's θ and
-    gradients, reused per-parameter sums): the run that owned them is over, and in-process
-    (sync, threads) its finalisation needs the memory."""
-    for rt in _CACHE.values():
-        rt.carry = rt.sums = None
-
-
-def _runtime(spec: Spec) -> _Runtime:
-    # Keyed by thread too: under the threads scheduler two tasks must not share one model.
-    key = (threading.get_ident(), spec.cache_key())
-    if key not in _CACHE:
-        # This thread's runtimes of an earlier recording at the same path are never used again.
-        for old in [k for k, rt in _CACHE.items() if k[0] == key[0]
-                    and rt.path == spec.trajectory and rt.manifest != spec.manifest]:
-            del _CACHE[old]
-        _CACHE[key] = _Runtime(spec)
-    return _CACHE[key]
+__all__ = ["Spec", "compute_piece", "compute_pieces", "release_buffers"]
 
 
 def compute_piece(spec: Spec, i0: int, i1: int) -> dict:
@@ -153,8 +41,9 @@ def compute_pieces(spec: Spec, pieces) -> Iterator[dict]:
 
     Pieces that follow one another are one walk along the trajectory: a piece starts where the
     last one ended, with its end point (a worker's next task would reuse it the same way, see
-    ``_Carry``), and the walk's set-up is paid once. Each piece keeps its own arrays and
-    per-parameter sums, so no result depends on how pieces are grouped into calls.
+    :class:`~replay.engine.runtime.Carry`), and the walk's set-up is paid once. Each piece
+    keeps its own arrays and per-parameter sums, so no result depends on how pieces are
+    grouped into calls.
     """
     run: list[tuple[int, int]] = []
     for i0, i1 in pieces:
@@ -169,149 +58,169 @@ def compute_pieces(spec: Spec, pieces) -> Iterator[dict]:
 def _walk_run(spec: Spec, run: list[tuple[int, int]]) -> Iterator[dict]:
     """:func:`compute_pieces` for contiguous pieces."""
     began = time.perf_counter()
-    s = spec.settings
-    torch.set_num_threads(s.threads)
-    rt = _runtime(spec)
-    flat, oracle = rt.flat, rt.oracle
-    reducer = rt.reducer(spec.groupings)
-    residual_groups = slice(0, len(spec.groupings[0].labels))  # the first grouping
-    nd, ng = len(spec.datasets), reducer.n_groups
-    exact = s.gradient == "exact"
-    start, stop = run[0][0], run[-1][1]
-    t0 = int(spec.steps[start])
-    layout = rt.traj.layout
-    walk = rt.traj.walk_flat(t0, int(spec.step_ends[stop - 1]))
+    walk = _Walk(spec, run)
     try:
-        first, params, state0 = next(walk)
-        if first != t0:
-            raise ReplayError(f"trajectory {spec.trajectory} has no recorded step {t0}")
-        prev: Point | None = None
-        try:
-            theta0 = flatten_checked(flat, params, layout, t0)
-        except NonFinite as err:
-            if s.nonfinite != "skip":
-                raise ReplayError(str(err)) from None
-            theta0 = flat.flatten_flats(params, layout)
-        carry, rt.carry = rt.carry, None
-        if exact and carry is not None and carry.matches(theta0, state0, s.threads):
-            prev = carry.point
-        carry = None  # its θ and gradients must not outlive their use as this run's start
+        walk.start()
+        for i0, i1 in run:
+            out = walk.piece(i0, i1)
+            out["seconds"] = time.perf_counter() - began
+            yield out
+            began = time.perf_counter()
+    finally:
+        walk.points.close()
+
+
+class _Walk:
+    """A walk along contiguous pieces, and what it carries from one interval to the next: θ_t,
+    the frozen state loaded with it, and (exact mode) the end point reused as the next start."""
+
+    def __init__(self, spec: Spec, run: list[tuple[int, int]]):
+        s = self.s = spec.settings
+        torch.set_num_threads(s.threads)
+        self.spec, self.rt = spec, runtime(spec)
+        self.flat, self.oracle = self.rt.flat, self.rt.oracle
+        self.reducer: Reducer = self.rt.reducer(spec.groupings)
+        self.residual_groups = slice(0, len(spec.groupings[0].labels))  # the first grouping
+        self.nd = len(spec.datasets)
+        self.exact = s.gradient == "exact"
         # With nonfinite="error" a step's θ_{t+1}, Δ and gradients are not checked one by one:
         # a NaN or Inf in any of them makes the step's LCA non-finite (NaN·0 is NaN), and the
         # run stops, so one test of the LCA proves them all finite; only then is the step
         # re-checked in order, to name what went wrong (replay.engine.finite). "skip" must
         # check before the reduction adds the step into the per-parameter sums; adaptive,
         # before it splits on a NaN.
-        eager = s.nonfinite == "skip" or s.quadrature == "adaptive"
+        self.eager = s.nonfinite == "skip" or s.quadrature == "adaptive"
+        self.start_step, self.stop = int(spec.steps[run[0][0]]), run[-1][1]
+        self.layout = self.rt.traj.layout
+        self.points = self.rt.traj.walk_flat(self.start_step,
+                                             int(spec.step_ends[self.stop - 1]))
+        self.theta0 = self.state0 = self.prev = None
 
-        def fail(i: int):  # the unchecked step i came out non-finite: name why, and stop
-            diagnose(rt.traj, flat, oracle, s, int(spec.steps[i]), int(spec.step_ends[i]),
-                     exact and i != stop - 1)
+    def start(self) -> None:
+        """θ at the first step, and the end point of this worker's last piece if it is here."""
+        s, t0 = self.s, self.start_step
+        first, params, self.state0 = next(self.points)
+        if first != t0:
+            raise ReplayError(f"trajectory {self.spec.trajectory} has no recorded step {t0}")
+        try:
+            self.theta0 = flatten_checked(self.flat, params, self.layout, t0)
+        except NonFinite as err:
+            if s.nonfinite != "skip":
+                raise ReplayError(str(err)) from None
+            self.theta0 = self.flat.flatten_flats(params, self.layout)
+        carry, self.rt.carry = self.rt.carry, None
+        if self.exact and carry is not None and \
+                carry.matches(self.theta0, self.state0, s.threads):
+            self.prev = carry.point
+        # The carry's θ and gradients must not outlive their use as this run's start.
 
-        for i0, i1 in run:
-            n = i1 - i0
-            out = {
-                "lca": np.full((n, ng, nd), np.nan), "helped": np.zeros((n, ng, nd), np.int64),
-                "loss": np.full((n, nd), np.nan), "loss_next": np.full((n, nd), np.nan),
-                "residual": np.full((n, nd), np.nan), "splits": np.zeros(n, np.int64),
-            }
-            cum = _sums(rt, spec, nd, flat.size)
-            evaluations = forwards = 0
-            points = walk
-            if (n + 1) * flat.size * flat.theta.element_size() <= AHEAD_BYTES:
-                # A small model's θ for the whole piece, decoded together (as the samples below)
-                # rather than between its model passes (see LossOracle.prefetch).
-                points = iter(list(itertools.islice(walk, n)))
-            oracle.prefetch(spec.steps[i0:i1])
-            # A small model's steps are reduced after the piece's model passes, not between
-            # them (where each small operation runs several times slower): their Δ and mean
-            # gradients are kept until then, in the same order of additions into ``cum``.
-            held = _Held(n, flat) if not eager and (n * (nd + 1) * flat.size * flat.theta
-                                                        .element_size() <= AHEAD_BYTES) else None
+    def piece(self, i0: int, i1: int) -> dict:
+        """Intervals [i0, i1): the piece's cube arrays and its per-parameter sums."""
+        n, nd, ng, flat = i1 - i0, self.nd, self.reducer.n_groups, self.flat
+        out = {
+            "lca": np.full((n, ng, nd), np.nan), "helped": np.zeros((n, ng, nd), np.int64),
+            "loss": np.full((n, nd), np.nan), "loss_next": np.full((n, nd), np.nan),
+            "residual": np.full((n, nd), np.nan), "splits": np.zeros(n, np.int64),
+        }
+        cum = _sums(self.rt, self.spec, nd, flat.size)
+        points = self.points
+        if (n + 1) * flat.size * flat.theta.element_size() <= AHEAD_BYTES:
+            # A small model's θ for the whole piece, decoded together (as the samples below)
+            # rather than between its model passes (see LossOracle.prefetch).
+            points = iter(list(itertools.islice(self.points, n)))
+        self.oracle.prefetch(self.spec.steps[i0:i1])
+        # A small model's steps are reduced after the piece's model passes, not between them
+        # (where each small operation runs several times slower): their Δ and mean gradients
+        # are kept until then, in the same order of additions into ``cum``.
+        held = _Held(n, flat) if not self.eager and (n * (nd + 1) * flat.size * flat.theta
+                                                     .element_size() <= AHEAD_BYTES) else None
+        counts = [0, 0]  # evaluations, forward-only evaluations
+        for j in range(n):
+            self._step(out, cum, i0, j, points, held, counts)
+        if held is not None:
+            bad_j = held.reduce(out, self.reducer, cum, self.residual_groups)
+            if bad_j is not None:
+                self._fail(i0 + bad_j)
+        parts = None
+        if self.s.param_lca and self.spec.inline_parts:
+            parts = cum  # the driver writes them with the piece's other arrays
+        elif self.s.param_lca:
+            for d, name in enumerate(self.spec.datasets):
+                write_param_part(self.spec.cube, name, i0, i1, cum[d])
+        out.update(i0=i0, i1=i1, evaluations=counts[0], forwards=counts[1], parts=parts)
+        return out
 
-            for j in range(n):
-                t, t1 = int(spec.steps[i0 + j]), int(spec.step_ends[i0 + j])
-                t_next, params, state = next(points, (None, None, None))
-                if t_next != t1:
-                    raise ReplayError(f"trajectory {spec.trajectory}: expected recorded step "
-                                      f"{t1} after {t}, found {t_next}; run `lca verify` on it")
-                theta1 = None
-                last = i0 + j == stop - 1
-                try:
-                    if eager:
-                        theta1 = flatten_checked(flat, params, layout, t1)
-                    else:
-                        theta1 = flat.flatten_flats(params, layout)
-                    params = None  # theta1 holds θ_{t1}: a converted copy need not live on
-                    if eager:
-                        # Δ goes in the model's θ buffer, free until a point is set: only θ_t
-                        # and θ_{t+1} are held through the evaluations, Δ formed again, exactly,
-                        # for the sums. [reliability] θ_t may be non-finite (skipped as the
-                        # previous end point) while the loss there is finite (e.g. an Inf bias
-                        # under tanh): Δ then carries it.
-                        bad = flat.first_nonfinite(torch.sub(theta1, theta0, out=flat.theta))
-                        if bad is not None:
-                            raise NonFinite(update_message(t, t1, bad))
-                    flat.load_state(state0)
-                    oracle.prepare(t)
-                    res = integrate(
-                        s.quadrature, Chord(flat, oracle, theta0, theta1, t, checked=eager),
-                        theta1 - theta0 if s.quadrature == "adaptive" else None,
-                        start=prev if exact else None, end_grad=exact and not last,
-                        keep_end=exact, tolerance=s.tolerance, max_splits=s.max_splits)
-                    evaluations += res.evaluations
-                    forwards += res.forwards
-                    out["loss"][j], out["loss_next"][j] = res.start.loss, res.end.loss
-                    out["splits"][j] = res.splits
-                    if held is not None:
-                        torch.sub(theta1, theta0, out=held.deltas[j])
-                        theta0 = None
-                        held.gbar.append(res.gbar)
-                    else:
-                        delta = torch.sub(theta1, theta0, out=flat.theta)
-                        theta0 = None
-                        _reduce(out, j, reducer, res.gbar, delta, cum, residual_groups)
-                        if not eager and not np.isfinite(out["lca"][j]).all():
-                            raise NonFinite("the LCA")
-                    same_state = _same_state(state0, state)
-                    prev = res.end if (exact and same_state and res.end.grads is not None) \
-                        else None
-                    if last and exact and res.end.grads is not None:
-                        rt.carry = _Carry(theta1, state0, s.threads, res.end)
-                    # Frees this step's mean gradients and Δ before the next step's are made.
-                    res = delta = None
-                except NonFinite as err:
-                    if not eager:  # the first step whose LCA is not finite, this one if none
-                        res = delta = prev = None
-                        bad_j = held.reduce(out, reducer, cum, residual_groups) if held else None
-                        fail(i0 + (j if bad_j is None else bad_j))
-                    if s.nonfinite != "skip":
-                        raise ReplayError(str(err)) from None
-                    prev = None  # step stays NaN, splits 0: marked in the cube, done as others
-                    res = None
-                    if theta1 is None:
-                        theta1 = flat.flatten_flats(params, layout)
-                theta0, state0 = theta1, state
+    def _step(self, out: dict, cum, i0: int, j: int, points, held, counts: list) -> None:
+        """Interval i0 + j: integrated, and reduced now or held for the piece's end."""
+        s, spec, flat, exact = self.s, self.spec, self.flat, self.exact
+        i = i0 + j
+        t, t1 = int(spec.steps[i]), int(spec.step_ends[i])
+        t_next, params, state = next(points, (None, None, None))
+        if t_next != t1:
+            raise ReplayError(f"trajectory {spec.trajectory}: expected recorded step "
+                              f"{t1} after {t}, found {t_next}; run `lca verify` on it")
+        theta1 = None
+        last = i == self.stop - 1
+        try:
+            if self.eager:
+                theta1 = flatten_checked(flat, params, self.layout, t1)
+            else:
+                theta1 = flat.flatten_flats(params, self.layout)
+            params = None  # theta1 holds θ_{t1}: a converted copy need not live on
+            if self.eager:
+                # Δ goes in the model's θ buffer, free until a point is set: only θ_t and
+                # θ_{t+1} are held through the evaluations, Δ formed again, exactly, for the
+                # sums. [reliability] θ_t may be non-finite (skipped as the previous end point)
+                # while the loss there is finite (e.g. an Inf bias under tanh): Δ carries it.
+                bad = flat.first_nonfinite(torch.sub(theta1, self.theta0, out=flat.theta))
+                if bad is not None:
+                    raise NonFinite(update_message(t, t1, bad))
+            flat.load_state(self.state0)
+            self.oracle.prepare(t)
+            res = integrate(
+                s.quadrature, Chord(flat, self.oracle, self.theta0, theta1, t,
+                                    checked=self.eager),
+                theta1 - self.theta0 if s.quadrature == "adaptive" else None,
+                start=self.prev if exact else None, end_grad=exact and not last,
+                keep_end=exact, tolerance=s.tolerance, max_splits=s.max_splits)
+            counts[0] += res.evaluations
+            counts[1] += res.forwards
+            out["loss"][j], out["loss_next"][j] = res.start.loss, res.end.loss
+            out["splits"][j] = res.splits
             if held is not None:
-                bad_j = held.reduce(out, reducer, cum, residual_groups)
-                if bad_j is not None:
-                    fail(i0 + bad_j)
-                held = None
-            parts = None
-            if s.param_lca and spec.inline_parts:
-                parts = cum  # the driver writes them with the piece's other arrays
-            elif s.param_lca:
-                for d, name in enumerate(spec.datasets):
-                    write_param_part(spec.cube, name, i0, i1, cum[d])
-            out.update(i0=i0, i1=i1, evaluations=evaluations, forwards=forwards, parts=parts,
-                       seconds=time.perf_counter() - began)
-            yield out
-            began = time.perf_counter()
-    finally:
-        walk.close()
+                torch.sub(theta1, self.theta0, out=held.deltas[j])
+                self.theta0 = None
+                held.gbar.append(res.gbar)
+            else:
+                delta = torch.sub(theta1, self.theta0, out=flat.theta)
+                self.theta0 = None  # not held through the reduction: a big model's θ
+                _reduce(out, j, self.reducer, res.gbar, delta, cum, self.residual_groups)
+                if not self.eager and not np.isfinite(out["lca"][j]).all():
+                    raise NonFinite("the LCA")
+            self.prev = res.end if (exact and same_state(self.state0, state)
+                                    and res.end.grads is not None) else None
+            if last and exact and res.end.grads is not None:
+                self.rt.carry = Carry(theta1, self.state0, s.threads, res.end)
+        except NonFinite as err:
+            if not self.eager:  # the first step whose LCA is not finite, this one if none
+                res = delta = self.prev = None
+                bad_j = held.reduce(out, self.reducer, cum, self.residual_groups) \
+                    if held else None
+                self._fail(i0 + (j if bad_j is None else bad_j))
+            if s.nonfinite != "skip":
+                raise ReplayError(str(err)) from None
+            self.prev = None  # step stays NaN, splits 0: marked in the cube, done as others
+            if theta1 is None:
+                theta1 = flat.flatten_flats(params, self.layout)
+        self.theta0, self.state0 = theta1, state
+
+    def _fail(self, i: int) -> None:
+        """The unchecked interval i came out non-finite: name why, and stop."""
+        diagnose(self.rt.traj, self.flat, self.oracle, self.s, int(self.spec.steps[i]),
+                 int(self.spec.step_ends[i]), self.exact and i != self.stop - 1)
 
 
-def _sums(rt: _Runtime, spec: Spec, nd: int, size: int) -> list[np.ndarray]:
+def _sums(rt: Runtime, spec: Spec, nd: int, size: int) -> list[np.ndarray]:
     """Per-parameter sums, one per dataset, zeroed; without param_lca a length-0 array tells
     the kernel to skip them. Sums the task writes itself are reused by its next piece: on a big
     model, first touching fresh pages of a new array costs as much as the reduction."""
@@ -356,9 +265,3 @@ class _Held:
 
 def _host(x: torch.Tensor) -> np.ndarray:
     return x.detach().to("cpu").contiguous().numpy()
-
-
-def _same_state(a: dict, b: dict) -> bool:
-    if a.keys() != b.keys():
-        return False
-    return all(torch.equal(a[k], b[k]) for k in a)
