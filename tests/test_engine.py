@@ -329,7 +329,7 @@ def test_sums_a_task_writes_itself_equal_those_it_hands_to_the_driver(store, tmp
     assert runtime._CACHE and all(rt.carry is None and rt.sums is None
                                 for rt in runtime._CACHE.values())
     parts = zarr.open_array(str(tmp_path / "own.zarr" / "param_lca" / "train"))
-    assert parts.chunks == (7,) and parts.shape[0] > 7
+    assert parts.chunks[0] <= 7 and parts.shape[0] > 7
     assert np.array_equal(inline["lca"].values, own["lca"].values)
     a = replay.load_param_lca(str(tmp_path / "inline.zarr"))
     b = replay.load_param_lca(str(tmp_path / "own.zarr"))

@@ -143,6 +143,20 @@ def test_group_api_for_partial_sums(tmp_path):
         again["sums"].create_array("train", shape=(3,), dtype="f8", chunks=(3,))
 
 
+@pytest.mark.parametrize("shape,chunks", [((1000,), (384,)), ((10, 3), (4, 3)), ((10, 5), (4, 3))])
+def test_an_uncompressed_edge_chunk_is_padded_as_zarr_pads_it(tmp_path, shape, chunks):
+    """An edge chunk written whole is stored at the chunk's length, its tail the fill value,
+    whether written in parts (along the first axis) or as one block (along another)."""
+    values = np.random.default_rng(2).normal(size=shape)
+    for g in (zarr.open_group(str(tmp_path / "ref"), mode="w"),
+              zarr_files.Group.create(str(tmp_path / "ours"))):
+        arr = g.create_array("a", shape=shape, dtype="f8", chunks=chunks, compressors=None,
+                             fill_value=np.nan)
+        arr[:] = values
+    assert chunk_files(str(tmp_path / "ours")) == chunk_files(str(tmp_path / "ref"))
+    np.testing.assert_array_equal(zarr_files.Group(str(tmp_path / "ours"))["a"][:], values)
+
+
 def test_strings_and_missing_chunks_read_back(tmp_path):
     g = zarr_files.Group.create(str(tmp_path / "g"))
     names = np.array(["ä", "", "layer/10", "x" * 300], dtype=object)

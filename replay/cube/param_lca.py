@@ -21,9 +21,18 @@ from replay.cube import zarr_files
 from replay.cube.schema import PARAMS, PARTS, quiet
 from replay.errors import CubeError
 
-# Values per chunk of these arrays (32 MB of float64): a chunk is what the finish holds in
-# memory besides the total while it adds a task's sums.
+# Most values per chunk of these arrays (32 MB of float64): a chunk is what the finish holds
+# in memory besides the total while it adds a task's sums.
 CHUNK = 1 << 22
+
+
+def chunk_length(size: int) -> int:
+    """Values per chunk of a flat array of ``size``: at most CHUNK, and as even as the chunks
+    can be. zarr stores an edge chunk at full length, so chunks of exactly CHUNK would pad a
+    big model's last one with up to 32 MB of fill, written and first built in memory each time."""
+    if size <= CHUNK:
+        return max(1, size)
+    return -(-size // -(-size // CHUNK))
 
 
 def drop_stale_parts(writer, datasets, pieces, done: np.ndarray | None = None) -> None:
@@ -106,7 +115,7 @@ def finalize(writer, datasets, names, shapes) -> bool:
                     loaded = {key: np.asarray(arr[:])}
                 total += loaded[key][j]
             arr = writer.root.require_group(PARAMS).create_array(
-                name, shape=total.shape, dtype="f8", chunks=(min(total.size, CHUNK),),
+                name, shape=total.shape, dtype="f8", chunks=(chunk_length(total.size),),
                 compressors=None, overwrite=True, attributes={"complete": False})
             arr[:] = total
             arr.attrs.update(names=list(names), shapes=[list(shapes[k]) for k in names],
@@ -135,7 +144,7 @@ def write_param_part(path: str, dataset: str, i0: int, i1: int, values: np.ndarr
     """Called by a replay task: its steps' per-element LCA sums (D,) for one dataset."""
     group = zarr_files.open_root(path, mode="r+")[f"{PARTS}/{dataset}"]
     arr = group.create_array(f"{i0:09d}-{i1:09d}", shape=values.shape, dtype="f8",
-                             chunks=(min(values.size, CHUNK),), compressors=None,
+                             chunks=(chunk_length(values.size),), compressors=None,
                              overwrite=True)
     arr[:] = values
 
@@ -148,7 +157,7 @@ def write_param_rows(root, dataset: str, edges: list[tuple[int, int]],
     size = rows[0].size
     # Rows share a chunk up to CHUNK values: on a small model, creating a file per row would
     # cost more than writing the piece's sums.
-    chunks = (min(len(rows), max(1, CHUNK // size)), min(size, CHUNK))
+    chunks = (min(len(rows), max(1, CHUNK // size)), chunk_length(size))
     arr = group.create_array(f"{edges[0][0]:09d}-{edges[-1][1]:09d}", shape=(len(rows), size),
                              dtype="f8", chunks=chunks, compressors=None,
                              overwrite=True,

@@ -74,11 +74,13 @@ def read_json(path: str) -> dict:
 
 
 def write_file(path: str, data) -> None:
-    """Atomically, as zarr's local store does: a reader sees the old file or the new one."""
+    """Atomically, as zarr's local store does: a reader sees the old file or the new one.
+    ``data``: bytes-like, or a list of them written one after the other."""
     tmp = f"{path}.{uuid.uuid4().hex}.partial"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for part in data if isinstance(data, list) else (data,):
+                f.write(part)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

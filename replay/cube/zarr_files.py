@@ -155,7 +155,9 @@ class Array(Node):
             return np.asarray(_VLEN.decode(raw), dtype=object).reshape(self.chunks)
         return np.frombuffer(raw, dtype=self.dtype).reshape(self.chunks)
 
-    def _encode(self, block: np.ndarray):
+    def _encode(self, block):
+        if isinstance(block, tuple):  # consecutive parts of an uncompressed chunk
+            return [self._encode(part) for part in block]
         raw = _VLEN.encode(np.asarray(block, dtype=object)) if self._string else \
             memoryview(np.ascontiguousarray(block, dtype=self.dtype)).cast("B")
         return _ZSTD.encode(raw) if self._zstd else raw
@@ -219,13 +221,20 @@ class Array(Node):
             whole = a == lo[0] and b == hi[0]
             if whole and src.shape == self.chunks:
                 block = src
+            elif whole and not (self._zstd or self._string) and src.shape[1:] == self.chunks[1:]:
+                # An uncompressed edge chunk along the first axis: its values, then the fill
+                # zarr pads it to the chunk's length with, written one after the other rather
+                # than copied into a chunk-sized block first (a big array's chunk is 32 MB).
+                pad = np.full((self.chunks[0] - src.shape[0],) + self.chunks[1:],
+                              self.fill_value, dtype=self.dtype)
+                block = (src, pad)
             else:  # a part of the chunk, or an edge chunk: zarr stores the whole chunk shape
                 old = None if whole else self._read_chunk(idx)
                 block = np.full(self.chunks, self.fill_value, dtype=self.dtype) \
                     if old is None else old.copy()
                 block[(slice(a - lo[0], b - lo[0]),) + inner] = src
             path = self._file(idx)
-            if self._zstd and _all_fill(block, self.fill_value):
+            if self._zstd and _all_fill(block, self.fill_value):  # (block is an array here)
                 # zarr's default (write_empty_chunks=False): an all-fill chunk is not stored
                 if os.path.exists(path):
                     os.unlink(path)
