@@ -36,10 +36,10 @@ def open_local(path) -> xr.Dataset | None:
     """What ``xr.open_zarr(path)`` returns, for a local cube of the cube's own codecs with
     consolidated metadata; None for any other store, which ``xr.open_zarr`` must open."""
     path = os.fspath(path)
-    arrays = _local_arrays(path) if zarr_files.is_local(path) else None
-    if arrays is None:
+    found = _local_arrays(path) if zarr_files.is_local(path) else None
+    if found is None:
         return None
-    root = read_json(os.path.join(path, ZARR_JSON))
+    root, arrays = found
     # Variables named by another's ``coordinates`` attribute are coordinates, as xarray's
     # CF decoding makes them; the attribute moves to the encoding.
     named = {c for arr in arrays.values()
@@ -52,18 +52,20 @@ def open_local(path) -> xr.Dataset | None:
                  if k not in ("coordinates", "_FillValue")}
         index = dims == (name,)
         data = _as_stored(arr[:]) if index else _lazy(arr, f"open_cube-{name}-{token}")
-        var = xr.Variable(dims, data, attrs, encoding=_encoding(arr, index))
+        var = xr.Variable(dims, data, attrs, encoding=_encoding(arr))
         (coords if index or name in named else variables)[name] = var
     ds = xr.Dataset(variables, coords=coords, attrs=root["attributes"])
     ds.encoding = {"source": path}
     return ds
 
 
-def _local_arrays(path: str) -> dict | None:
-    """The root's arrays by name, from its consolidated metadata; None where ``xr.open_zarr``
-    must open the cube (no consolidated metadata, another codec, a foreign layout)."""
+def _local_arrays(path: str) -> tuple[dict, dict] | None:
+    """The root's document and its arrays by name, from its consolidated metadata; None where
+    ``xr.open_zarr`` must open the cube (no consolidated metadata, another codec, a foreign
+    layout)."""
     try:
-        meta = read_json(os.path.join(path, ZARR_JSON))["consolidated_metadata"]["metadata"]
+        root = read_json(os.path.join(path, ZARR_JSON))
+        meta = root["consolidated_metadata"]["metadata"]
         arrays = {name: zarr_files.Array(os.path.join(path, name), doc)
                   for name, doc in sorted(meta.items())
                   if "/" not in name and doc.get("node_type") == "array"}
@@ -73,7 +75,7 @@ def _local_arrays(path: str) -> dict | None:
                          "_ARRAY_DIMENSIONS" in a.doc["attributes"] or
                          _fill_attribute(a) not in (None, "nan") for a in arrays.values()):
         return None
-    return arrays
+    return root, arrays
 
 
 def _fill_attribute(arr: zarr_files.Array) -> str | None:
@@ -115,7 +117,7 @@ def _read_block(path: str, doc: dict, idx: tuple) -> np.ndarray:
                                   for a, c, n in zip(lo, arr.chunks, arr.shape))].copy())
 
 
-def _encoding(arr: zarr_files.Array, index: bool) -> dict:
+def _encoding(arr: zarr_files.Array) -> dict:
     """The variable's encoding as ``xr.open_zarr`` reports it (what ``to_zarr`` reuses)."""
     from zarr.codecs import BytesCodec, VLenUTF8Codec, ZstdCodec
 
