@@ -145,6 +145,13 @@ def test_same_cube_for_any_chunking_and_scheduler(store, tmp_path):
     for other in others:
         for var in ("lca", "helped", "loss", "loss_next", "residual", "splits"):
             assert np.array_equal(base[var].values, other[var].values), var
+    # The per-parameter sums are added per piece: other pieces, other float64 rounding only.
+    ref = replay.load_param_lca(str(tmp_path / "a.zarr"))
+    for name in "bcd":
+        got = replay.load_param_lca(str(tmp_path / f"{name}.zarr"))
+        for d in ref:
+            for k in ref[d]:
+                np.testing.assert_allclose(got[d][k], ref[d][k], rtol=1e-12, atol=1e-15)
 
 
 def test_each_worker_runs_its_own_lane_of_pieces_in_order(store, tmp_path, capsys):
