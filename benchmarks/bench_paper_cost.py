@@ -106,9 +106,9 @@ class ModelWork:
             torch.set_num_threads(saved)
 
 
-def calibrate(batch_size: int, lr: float) -> tuple[int, dict[int, float]]:
-    """The TinyCNN image size whose training step is nearest to TARGET_STEP (in ratio), and
-    each size's step time: the median of interleaved blocks of 50 steps."""
+def calibrate(batch_size: int, lr: float) -> int:
+    """The TinyCNN image size whose training step (the median of interleaved blocks of 50
+    steps, each size's logged) is nearest to TARGET_STEP in ratio."""
     from replay.task import load_task
 
     models = {size: Training(load_task(CNN, {**CNN_ARGS, "size": size}), batch_size, lr)
@@ -121,7 +121,7 @@ def calibrate(batch_size: int, lr: float) -> tuple[int, dict[int, float]]:
     common.log("TinyCNN 16/32 training step by image size: " + ", ".join(
         f"{size}x{size} {t * 1e3:.2f} ms" for size, t in step.items())
         + f"; the ~{TARGET_STEP * 1e3:.0f}-ms model: {chosen}x{chosen}")
-    return chosen, step
+    return chosen
 
 
 def compare(label: str, store: str, task_ref: str, task_args: dict, steps: int,
@@ -206,7 +206,7 @@ def main(argv=None) -> dict:
         demo = common.record_demo(os.path.join(work, f"demo-{args.demo_steps}"), args.demo_steps)
         rows += (compare("demo ToyNMT", demo, cfg.task.ref, cfg.task.args, args.demo_steps,
                             args.batch_size, cfg.train.lr, args.repeats, work, 1.4))
-        chosen, step = calibrate(args.batch_size, 1e-3)
+        chosen = calibrate(args.batch_size, 1e-3)
         for size in dict.fromkeys((chosen, 8)):
             targs = {**CNN_ARGS, "size": size}
             cnn = record_cnn(os.path.join(work, f"cnn-256-c16-s{size}-{args.cnn_steps}"),

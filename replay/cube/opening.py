@@ -107,14 +107,8 @@ def _lazy(arr: zarr_files.Array, name: str):
 
 
 def _read_block(path: str, doc: dict, idx: tuple) -> np.ndarray:
-    """Chunk ``idx`` of the array at ``path``, cut to the array's extent."""
-    arr = zarr_files.Array(path, doc)
-    block = arr._read_chunk(idx)
-    if block is None:  # never written: zarr reads the fill value
-        block = np.full(arr.chunks, arr.fill_value, dtype=arr.dtype)
-    lo = [k * c for k, c in zip(idx, arr.chunks)]
-    return _as_stored(block[tuple(slice(0, min(c, n - a))
-                                  for a, c, n in zip(lo, arr.chunks, arr.shape))].copy())
+    """Chunk ``idx`` of the array at ``path``, cut to the array's extent (a dask task)."""
+    return _as_stored(zarr_files.Array(path, doc).block(idx))
 
 
 def _encoding(arr: zarr_files.Array) -> dict:

@@ -142,9 +142,7 @@ class Array(Node):
         axes = [range(i0 // self.chunks[0], -(-i1 // self.chunks[0]) if i1 > i0 else 0)]
         axes += [range(-(-n // c)) for n, c in zip(self.shape[1:], self.chunks[1:])]
         for idx in itertools.product(*axes):
-            lo = [k * c for k, c in zip(idx, self.chunks)]
-            hi = [min(a + c, n) for a, c, n in zip(lo, self.chunks, self.shape)]
-            yield idx, lo, hi
+            yield (idx, *self._bounds(idx))
 
     def _file(self, idx) -> str:
         return os.path.join(self.path, "c", *map(str, idx))
@@ -168,6 +166,19 @@ class Array(Node):
                 return self._decode(f.read())
         except FileNotFoundError:
             return None
+
+    def block(self, idx: tuple) -> np.ndarray:
+        """Chunk ``idx`` (its index along every axis), cut to the array's extent; the fill
+        value where it was never written, as zarr reads it."""
+        extent = tuple(b - a for a, b in zip(*self._bounds(idx)))
+        chunk = self._read_chunk(idx)
+        if chunk is None:
+            return np.full(extent, self.fill_value, dtype=self.dtype)
+        return chunk[tuple(slice(0, n) for n in extent)].copy()
+
+    def _bounds(self, idx: tuple) -> tuple[list[int], list[int]]:
+        lo = [k * c for k, c in zip(idx, self.chunks)]
+        return lo, [min(a + c, n) for a, c, n in zip(lo, self.chunks, self.shape)]
 
     def __getitem__(self, key) -> np.ndarray:
         i0, i1 = self._range(key)
