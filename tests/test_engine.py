@@ -154,6 +154,28 @@ def test_same_cube_for_any_chunking_and_scheduler(store, tmp_path):
                 np.testing.assert_allclose(got[d][k], ref[d][k], rtol=1e-12, atol=1e-15)
 
 
+def test_pieces_reduced_together_or_one_by_one_give_the_same_cube(store, tmp_path,
+                                                                  monkeypatch):
+    # A small model's pieces are reduced a few at a time (replay.engine.reduction.Group): groups
+    # cut by time or by size, or one piece at a time, change no number, not even the sums'.
+    from replay.engine import reduction
+
+    kw = dict(task=TASK, scheduler="sync", progress=False, chunk_size=2, groups=["tensor"])
+    cubes = [replay.run(store, out=str(tmp_path / "a.zarr"), **kw)]
+    monkeypatch.setattr(reduction, "GROUP_SECONDS", 0.0)   # one piece per group
+    cubes.append(replay.run(store, out=str(tmp_path / "b.zarr"), **kw))
+    monkeypatch.setattr(reduction, "GROUP_SECONDS", 1e9)
+    monkeypatch.setattr(reduction, "GROUP_BYTES", 0)       # held, but reduced step by step
+    cubes.append(replay.run(store, out=str(tmp_path / "c.zarr"), **kw))
+    for other in cubes[1:]:
+        for var in ("lca", "helped", "loss", "loss_next", "residual", "splits"):
+            assert np.array_equal(cubes[0][var].values, other[var].values), var
+    ref = replay.load_param_lca(str(tmp_path / "a.zarr"))
+    for name in "bc":
+        got = replay.load_param_lca(str(tmp_path / f"{name}.zarr"))
+        assert all(torch.equal(got[d][k], ref[d][k]) for d in ref for k in ref[d])
+
+
 def test_each_worker_runs_its_own_lane_of_pieces_in_order(store, tmp_path, capsys):
     # 12 Simpson steps in 4 pieces on 2 workers: a lane of 2 pieces each, pinned to its worker
     # and run in order, so only each lane's first point is evaluated cold: 2 × 12 + 2.

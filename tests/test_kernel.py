@@ -237,3 +237,32 @@ def test_reducer_flat_path_with_empty_tensors_and_row_groups():
     assert starts[-1] == sum(sizes) and np.diff(starts).max() == 64
     with pytest.raises(ValueError, match="flat vectors have 5 elements, but the tensors"):
         reducer.reduce_flat(gbar[:5], delta[:5], np.zeros(5))
+
+
+@pytest.mark.parametrize("dtype,kept", [(np.float32, True), (np.float64, True),
+                                        (np.float32, False)])
+def test_reduce_steps_is_reduce_flat_step_by_step_bit_for_bit(dtype, kept):
+    # 7 steps of 2 datasets whose sums go to 3 pieces (steps 0-1, 2-4, 5-6), as a group of a
+    # small model's pieces is reduced: the same sums, counts and per-parameter sums as one
+    # reduce_flat per step and dataset, in order.
+    shapes = {"encoder.embed_tokens.weight": (30, 4), "encoder.layers.0.w": (50, 3),
+              "decoder.output_projection.weight": (30, 4)}
+    groupings = resolve_groupings(["tensor", "layer", "frequency:3"], list(shapes), shapes,
+                                  token_counts={"encoder.embed_tokens.weight": np.arange(30)})
+    reducer = Reducer(groupings, shapes, block=32)
+    size = sum(int(np.prod(s)) for s in shapes.values())
+    rng = np.random.default_rng(9)
+    gbars = rng.standard_normal((7, 2, size)).astype(dtype)
+    deltas = rng.standard_normal((7, size)).astype(dtype)
+    which = np.array([0, 0, 1, 1, 1, 2, 2])
+    start = rng.standard_normal((3, 2, size)) if kept else np.zeros((3, 2, 0))
+    cums = start.copy()
+    out_sum, out_neg = reducer.reduce_steps(gbars, deltas, cums, which)
+    loop = start.copy()
+    for j in range(7):
+        for d in range(2):
+            s, k = reducer.reduce_flat(gbars[j, d], deltas[j], loop[which[j], d])
+            assert out_sum[j, d].tobytes() == s.tobytes() and out_neg[j, d].tolist() == k.tolist()
+    assert cums.tobytes() == loop.tobytes()
+    with pytest.raises(ValueError, match="do not match"):
+        reducer.reduce_steps(gbars, deltas, cums, which[:3])

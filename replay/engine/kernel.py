@@ -111,6 +111,22 @@ def _add_segments(row_sum, row_neg, seg, offset, out_sum, out_neg):
         out_neg[g] += row_neg[r]
 
 
+@njit(cache=True, nogil=True)
+def _steps_serial(gbars, deltas, cums, which, starts, segs, out_sum, out_neg):
+    # The loops of reduce_flat over steps j and datasets d, in their order: cums[which[j], d]
+    # receives step j's products before step j + 1's, each row is summed by the same _row,
+    # and each group adds its rows in row order, so the results are bit-identical to it.
+    nrows = starts.shape[0] - 1
+    row_sum = np.empty(nrows, np.float64)
+    row_neg = np.empty(nrows, np.int64)
+    for j in range(gbars.shape[0]):
+        for d in range(gbars.shape[1]):
+            _segments_serial(gbars[j, d], deltas[j], cums[which[j], d], starts, row_sum,
+                             row_neg)
+            for k in range(segs.shape[0]):
+                _add_segments(row_sum, row_neg, segs[k], 0, out_sum[j, d], out_neg[j, d])
+
+
 def reduce_segments(gbar, delta, cum, starts) -> tuple[np.ndarray, np.ndarray]:
     """Fused LCA reduction over rows ``[starts[r], starts[r+1])``; updates ``cum`` in place.
 
@@ -195,6 +211,13 @@ def warm_up() -> None:
             _segments_serial(g, d, c, np.array([0, 2]), row_sum, row_neg)
             _segments_parallel(g, d, c, np.array([0, 2]), row_sum, row_neg)
     _add_segments(row_sum, row_neg, np.zeros(1, np.int32), 0, np.zeros(1), np.zeros(1, np.int64))
+    for dg in (np.float32, np.float64):
+        for dd in (np.float32, np.float64):
+            for kept in (2, 0):
+                _steps_serial(np.zeros((1, 1, 2), dg), np.zeros((1, 2), dd),
+                              np.zeros((1, 1, kept)), np.zeros(1, np.int64), np.array([0, 2]),
+                              np.zeros((1, 1), np.int32), np.zeros((1, 1, 1)),
+                              np.zeros((1, 1, 1), np.int64))
 
 
 class Reducer:
@@ -228,6 +251,7 @@ class Reducer:
             by_rows = any(name in g.row_groups for g in self.groupings)
             self._row_len[name] = max(1, numel // shape[0]) if by_rows and numel else block
         self._plan: tuple[np.ndarray, list[np.ndarray]] | None = None
+        self._segs: np.ndarray | None = None  # the plan's row groups as one array
 
     @property
     def n_groups(self) -> int:
@@ -253,6 +277,34 @@ class Reducer:
                                    starts, _check(gbar, delta, cum), starts.size - 1)
         for seg in row_group:
             _add_segments(row_sum, row_neg, seg, 0, out_sum, out_neg)
+        return out_sum, out_neg
+
+    def reduce_steps(self, gbars, deltas, cums, which) -> tuple[np.ndarray, np.ndarray] | None:
+        """:meth:`reduce_flat` for many steps in one launch, with bit-identical results:
+        ``gbars`` [n, S, D] (S datasets), ``deltas`` [n, D], per-parameter sums ``cums``
+        [P, S, D] (or [P, S, 0]), step j's into ``cums[which[j]]``; C-contiguous numpy.
+        Returns ``(out_sum, out_neg)`` [n, S, groups], or None where :meth:`reduce_flat` would
+        run in parallel: the caller loops over it then."""
+        starts, row_group = self.flat_plan()
+        n, nsets, size = gbars.shape
+        if size >= _PARALLEL_MIN and numba.get_num_threads() > 1:
+            return None
+        which = np.ascontiguousarray(which, np.int64)
+        if deltas.shape != (n, size) or cums.ndim != 3 or cums.shape[1:] not in (
+                (nsets, size), (nsets, 0)) or which.shape != (n,) or size != starts[-1] or (
+                n and not 0 <= which.min() <= which.max() < cums.shape[0]):
+            raise ValueError(f"shapes gbars {gbars.shape}, deltas {deltas.shape}, cums "
+                             f"{cums.shape}, which {which.shape} do not match "
+                             f"{int(starts[-1])} elements")
+        for label, a in (("gbars", gbars), ("deltas", deltas), ("cums", cums)):
+            if not a.flags.c_contiguous:
+                raise TypeError(f"{label} must be C-contiguous")
+        out_sum = np.zeros((n, nsets, self.n_groups), np.float64)
+        out_neg = np.zeros((n, nsets, self.n_groups), np.int64)
+        if self._segs is None:
+            self._segs = np.stack(row_group) if row_group else \
+                np.zeros((0, starts.size - 1), np.int32)
+        _steps_serial(gbars, deltas, cums, which, starts, self._segs, out_sum, out_neg)
         return out_sum, out_neg
 
     def flat_plan(self) -> tuple[np.ndarray, list[np.ndarray]]:

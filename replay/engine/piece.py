@@ -19,8 +19,9 @@ import torch
 
 from replay.cube.param_lca import write_param_part
 from replay.engine.finite import Chord, NonFinite, diagnose, flatten_checked, update_message
-from replay.engine.flat_model import FlatModel
+from replay.engine import reduction
 from replay.engine.gradients import AHEAD_BYTES
+from replay.engine.reduction import Group, Unfinished, reduce_step
 from replay.engine.kernel import Reducer
 from replay.engine.quadrature import integrate
 from replay.engine.runtime import Carry, Runtime, Spec, release_buffers, runtime, same_state
@@ -57,15 +58,10 @@ def compute_pieces(spec: Spec, pieces) -> Iterator[dict]:
 
 def _walk_run(spec: Spec, run: list[tuple[int, int]]) -> Iterator[dict]:
     """:func:`compute_pieces` for contiguous pieces."""
-    began = time.perf_counter()
     walk = _Walk(spec, run)
     try:
         walk.start()
-        for i0, i1 in run:
-            out = walk.piece(i0, i1)
-            out["seconds"] = time.perf_counter() - began
-            yield out
-            began = time.perf_counter()
+        yield from walk.pieces(run)
     finally:
         walk.points.close()
 
@@ -114,40 +110,107 @@ class _Walk:
             self.prev = carry.point
         # The carry's θ and gradients must not outlive their use as this run's start.
 
-    def piece(self, i0: int, i1: int) -> dict:
-        """Intervals [i0, i1): the piece's cube arrays and its per-parameter sums."""
+    def pieces(self, run: list[tuple[int, int]]) -> Iterator[dict]:
+        """Each piece's cube arrays and per-parameter sums, in order. A small model's steps are
+        reduced after their model passes, not between them (where each small operation runs
+        several times slower), and a few pieces at a time (:class:`Group`)."""
+        k = 0
+        while k < len(run):
+            group = self._group(run[k:])
+            if group is None:
+                try:
+                    yield self._finish(self._timed(*run[k], None))
+                except Unfinished as stop:
+                    self._fail(stop.i)
+                k += 1
+                continue
+            began, bad = time.perf_counter(), None
+            try:
+                for i0, i1 in group.planned:
+                    self._timed(i0, i1, group)
+                    if time.perf_counter() - began >= reduction.GROUP_SECONDS:
+                        break
+                t = time.perf_counter()
+                bad = group.reduce(self.reducer, self.residual_groups)
+                group.pieces[-1]["seconds"] += time.perf_counter() - t
+            except Unfinished as stop:
+                bad = stop.i
+            except Exception:
+                # The pieces finished before the error are kept: the driver writes them.
+                try:
+                    kept = group.reduce(self.reducer, self.residual_groups)
+                except Exception:
+                    kept = -1
+                yield from self._finished(group, kept)
+                raise
+            yield from self._finished(group, bad)
+            if bad is not None:
+                self._fail(bad)
+            k += len(group.pieces)
+
+    def _timed(self, i0: int, i1: int, group: Group | None) -> dict:
+        t = time.perf_counter()
+        out = self._piece(i0, i1, group)
+        out["seconds"] = time.perf_counter() - t
+        return out
+
+    def _finished(self, group: Group, bad: int | None) -> Iterator[dict]:
+        """The results of the group's pieces computed in full and before interval ``bad``."""
+        for out in group.pieces:
+            if "i1" in out and (bad is None or out["i1"] <= bad):
+                yield self._finish(out)
+
+    def _group(self, run: list[tuple[int, int]]) -> Group | None:
+        """The next pieces of ``run`` to reduce together, or None if the first piece's steps
+        are reduced as they come (a big model, or steps checked one by one)."""
+        flat, nd = self.flat, self.nd
+        step_bytes = (nd + 1) * flat.size * flat.theta.element_size()
+        n = run[0][1] - run[0][0]
+        if self.eager or n * step_bytes > AHEAD_BYTES:
+            return None
+        if self.s.param_lca and not self.spec.inline_parts:  # its sums are this worker's own
+            return Group(run[:1], _sums(self.rt, self.spec, nd, flat.size)[None], flat)
+        planned, steps = run[:1], n
+        for i0, i1 in run[1:]:
+            if (steps + i1 - i0) * step_bytes > reduction.GROUP_BYTES:
+                break
+            planned.append((i0, i1))
+            steps += i1 - i0
+        cums = np.zeros((len(planned), nd, flat.size if self.s.param_lca else 0))
+        return Group(planned, cums, flat)
+
+    def _piece(self, i0: int, i1: int, group: Group | None) -> dict:
+        """Intervals [i0, i1): the piece's cube arrays, its per-parameter sums in ``cum``
+        (reduced once ``group`` is, if given)."""
         n, nd, ng, flat = i1 - i0, self.nd, self.reducer.n_groups, self.flat
         out = {
             "lca": np.full((n, ng, nd), np.nan), "helped": np.zeros((n, ng, nd), np.int64),
             "loss": np.full((n, nd), np.nan), "loss_next": np.full((n, nd), np.nan),
             "residual": np.full((n, nd), np.nan), "splits": np.zeros(n, np.int64),
         }
-        cum = _sums(self.rt, self.spec, nd, flat.size)
+        cum = group.begin(out) if group is not None else _sums(self.rt, self.spec, nd,
+                                                                   flat.size)
         points = self.points
         if (n + 1) * flat.size * flat.theta.element_size() <= AHEAD_BYTES:
             # A small model's θ for the whole piece, decoded together (as the samples below)
             # rather than between its model passes (see LossOracle.prefetch).
             points = iter(list(itertools.islice(self.points, n)))
         self.oracle.prefetch(self.spec.steps[i0:i1])
-        # A small model's steps are reduced after the piece's model passes, not between them
-        # (where each small operation runs several times slower): their Δ and mean gradients
-        # are kept until then, in the same order of additions into ``cum``.
-        held = _Held(n, flat) if not self.eager and (n * (nd + 1) * flat.size * flat.theta
-                                                     .element_size() <= AHEAD_BYTES) else None
         counts = [0, 0]  # evaluations, forward-only evaluations
         for j in range(n):
-            self._step(out, cum, i0, j, points, held, counts)
-        if held is not None:
-            bad_j = held.reduce(out, self.reducer, cum, self.residual_groups)
-            if bad_j is not None:
-                self._fail(i0 + bad_j)
-        parts = None
+            self._step(out, cum, i0, j, points, group, counts)
+        out.update(i0=i0, i1=i1, evaluations=counts[0], forwards=counts[1], cum=cum)
+        return out
+
+    def _finish(self, out: dict) -> dict:
+        """A reduced piece's result: its sums handed to the driver, or written here."""
+        cum, parts = out.pop("cum"), None
         if self.s.param_lca and self.spec.inline_parts:
-            parts = cum  # the driver writes them with the piece's other arrays
+            parts = list(cum)  # the driver writes them with the piece's other arrays
         elif self.s.param_lca:
             for d, name in enumerate(self.spec.datasets):
-                write_param_part(self.spec.cube, name, i0, i1, cum[d])
-        out.update(i0=i0, i1=i1, evaluations=counts[0], forwards=counts[1], parts=parts)
+                write_param_part(self.spec.cube, name, out["i0"], out["i1"], cum[d])
+        out["parts"] = parts
         return out
 
     def _step(self, out: dict, cum, i0: int, j: int, points, held, counts: list) -> None:
@@ -188,13 +251,13 @@ class _Walk:
             out["loss"][j], out["loss_next"][j] = res.start.loss, res.end.loss
             out["splits"][j] = res.splits
             if held is not None:
-                torch.sub(theta1, self.theta0, out=held.deltas[j])
+                held.hold(j, theta1, self.theta0, res.gbar)
                 self.theta0 = None
-                held.gbar.append(res.gbar)
             else:
                 delta = torch.sub(theta1, self.theta0, out=flat.theta)
                 self.theta0 = None  # not held through the reduction: a big model's θ
-                _reduce(out, j, self.reducer, res.gbar, delta, cum, self.residual_groups)
+                reduce_step(out, j, self.reducer, res.gbar, delta, cum,
+                            self.residual_groups)
                 if not self.eager and not np.isfinite(out["lca"][j]).all():
                     raise NonFinite("the LCA")
             self.prev = res.end if (exact and same_state(self.state0, state)
@@ -204,9 +267,8 @@ class _Walk:
         except NonFinite as err:
             if not self.eager:  # the first step whose LCA is not finite, this one if none
                 res = delta = self.prev = None
-                bad_j = held.reduce(out, self.reducer, cum, self.residual_groups) \
-                    if held else None
-                self._fail(i0 + (j if bad_j is None else bad_j))
+                bad = held.reduce(self.reducer, self.residual_groups) if held else None
+                raise Unfinished(i if bad is None else bad) from None
             if s.nonfinite != "skip":
                 raise ReplayError(str(err)) from None
             self.prev = None  # step stays NaN, splits 0: marked in the cube, done as others
@@ -220,48 +282,16 @@ class _Walk:
                  int(self.spec.step_ends[i]), self.exact and i != self.stop - 1)
 
 
-def _sums(rt: Runtime, spec: Spec, nd: int, size: int) -> list[np.ndarray]:
-    """Per-parameter sums, one per dataset, zeroed; without param_lca a length-0 array tells
+def _sums(rt: Runtime, spec: Spec, nd: int, size: int) -> np.ndarray:
+    """Per-parameter sums, a zeroed row per dataset; without param_lca rows of length 0 tell
     the kernel to skip them. Sums the task writes itself are reused by its next piece: on a big
     model, first touching fresh pages of a new array costs as much as the reduction."""
     if not spec.settings.param_lca:
-        return [np.zeros(0) for _ in range(nd)]
+        return np.zeros((nd, 0))
     if spec.inline_parts:  # handed to the driver with the result: a fresh array each piece
-        return [np.zeros(size, dtype=np.float64) for _ in range(nd)]
-    if rt.sums is None or len(rt.sums) != nd or rt.sums[0].size != size:
-        rt.sums = [np.zeros(size, dtype=np.float64) for _ in range(nd)]
+        return np.zeros((nd, size), dtype=np.float64)
+    if rt.sums is None or rt.sums.shape != (nd, size):
+        rt.sums = np.zeros((nd, size), dtype=np.float64)
     else:
-        for c in rt.sums:
-            c.fill(0.0)
+        rt.sums.fill(0.0)
     return rt.sums
-
-
-def _reduce(out: dict, j: int, reducer: Reducer, gbar, delta, cum, residual_groups) -> None:
-    """Step j's LCA per group and dataset into ``out`` (and Δ·ḡ into ``cum``), its residual."""
-    delta_np = _host(delta)
-    for d in range(len(gbar)):
-        lca, helped = reducer.reduce_flat(_host(gbar[d]), delta_np, cum[d])
-        out["lca"][j, :, d], out["helped"][j, :, d] = lca, helped
-    out["residual"][j] = (out["loss_next"][j] - out["loss"][j]) - \
-        out["lca"][j, residual_groups, :].sum(axis=0)
-
-
-class _Held:
-    """The Δ and mean gradients of a piece's first steps, reduced together afterwards."""
-
-    def __init__(self, n: int, flat: FlatModel):
-        self.deltas = torch.empty((n, flat.size), dtype=flat.dtype, device=flat.device)
-        self.gbar: list[list[torch.Tensor]] = []
-
-    def reduce(self, out, reducer, cum, residual_groups) -> int | None:
-        """Reduce the steps held, in order; the first whose LCA is not finite, or None."""
-        gbar, self.gbar = self.gbar, []
-        for j, g in enumerate(gbar):
-            _reduce(out, j, reducer, g, self.deltas[j], cum, residual_groups)
-            if not np.isfinite(out["lca"][j]).all():
-                return j
-        return None
-
-
-def _host(x: torch.Tensor) -> np.ndarray:
-    return x.detach().to("cpu").contiguous().numpy()

@@ -79,7 +79,7 @@ class Runtime:
         # The last piece's end point (exact mode): when this worker next runs the piece that
         # starts there, its first gradient evaluation is reused instead of recomputed.
         self.carry: Carry | None = None
-        self.sums: list[np.ndarray] | None = None  # see replay.engine.piece._sums
+        self.sums: np.ndarray | None = None  # see replay.engine.piece._sums
         self._reducer: tuple[list, Reducer] | None = None
 
     def reducer(self, groupings: list) -> Reducer:
