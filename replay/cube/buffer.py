@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from replay.cube.param_lca import write_param_rows
+from replay.cube.param_lca import drop_parts, write_param_rows, write_totals
 from replay.cube.schema import VARIABLES
 
 FLUSH_SECONDS = 2.0
@@ -38,12 +38,15 @@ class ResultBuffer:
     partial sums (D,) when the piece left writing them to the driver, else None."""
 
     def __init__(self, writer, datasets, *, seconds: float = FLUSH_SECONDS,
-                 max_bytes: int = FLUSH_BYTES):
+                 max_bytes: int = FLUSH_BYTES, totals: tuple | None = None):
         self.writer, self.datasets = writer, list(datasets)
         self.seconds, self.max_bytes = seconds, max_bytes
         self._held: list[dict] = []
         self._since = self._work = 0.0
         self._bytes = 0
+        # (names, shapes) of the per-parameter totals when this run owns every step of a fresh
+        # cube: if its first write holds every step, the totals are written from memory.
+        self._totals = totals
 
     def add(self, result: dict) -> None:
         if not self._held:
@@ -55,9 +58,20 @@ class ResultBuffer:
                 time.monotonic() - self._since >= self.seconds:
             self.flush()
 
-    def flush(self) -> None:
-        """Write everything held (nothing if empty)."""
+    def flush(self, last: bool = False) -> None:
+        """Write everything held (nothing if empty); ``last``: the run's final results."""
         held, self._held, self._bytes = sorted(self._held, key=lambda r: r["i0"]), [], 0
+        totals, self._totals = self._totals, None
+        n = self.writer.root["done"].shape[0] if totals and last else -1
+        if held and held[0]["i0"] == 0 and held[-1]["i1"] == n and all(
+                r.get("parts") is not None for r in held) and len(_contiguous(held)) == 1:
+            # A short replay: its partial sums would be written only to be read back, added
+            # and deleted by the finish a moment later.
+            write_totals(self.writer, self.datasets, *totals, [(r["i0"], r["i1"]) for r in held],
+                         [r["parts"] for r in held])
+            self.writer.write(0, n, _joined(held))
+            drop_parts(self.writer, self.datasets)
+            return
         for run in _contiguous(held):
             self._write(run)
 
@@ -69,9 +83,11 @@ class ResultBuffer:
             for d, name in enumerate(self.datasets):
                 write_param_rows(self.writer.root, name, edges,
                                  [r["parts"][d] for r in with_parts])
-        arrays = {name: np.concatenate([r[name] for r in run]) for name in VARIABLES
-                  if name != "done"}
-        self.writer.write(i0, i1, arrays)
+        self.writer.write(i0, i1, _joined(run))
+
+
+def _joined(run: list[dict]) -> dict:
+    return {name: np.concatenate([r[name] for r in run]) for name in VARIABLES if name != "done"}
 
 
 def _contiguous(results: list[dict]) -> list[list[dict]]:

@@ -85,9 +85,10 @@ def finalize(writer, datasets, names, shapes) -> bool:
         for name in datasets:
             if _complete(writer.root, name):
                 continue
-            group = writer.root[f"{PARTS}/{name}"]
+            group = writer.root[f"{PARTS}/{name}"] \
+                if PARTS in writer.root and name in writer.root[PARTS] else None
             rows, arrays = [], {}  # (i0, i1, array key, row index); the arrays by key
-            for key in group.array_keys():
+            for key in group.array_keys() if group is not None else ():
                 arrays[key] = group[key]
                 rows += [(a, b, key, j) for j, (a, b) in _rows(key, arrays[key]).items()]
             rows.sort()
@@ -114,20 +115,61 @@ def finalize(writer, datasets, names, shapes) -> bool:
                 if key not in loaded:  # the driver's rows: one array at a time
                     loaded = {key: np.asarray(arr[:])}
                 total += loaded[key][j]
-            arr = writer.root.require_group(PARAMS).create_array(
-                name, shape=total.shape, dtype="f8", chunks=(chunk_length(total.size),),
-                compressors=None, overwrite=True, attributes={"complete": False})
-            arr[:] = total
-            arr.attrs.update(names=list(names), shapes=[list(shapes[k]) for k in names],
-                             complete=True)
-        parts = writer.root[PARTS] if PARTS in writer.root else None
-        for name in datasets:
-            if parts is not None and name in parts:
-                del writer.root[f"{PARTS}/{name}"]
-        zarr_files.consolidate(writer.path)
+            _write_total(writer.root, name, total, names, shapes)
+        _drop_parts(writer, datasets)
     finally:
         ctx.__exit__(None, None, None)
     return True
+
+
+def write_totals(writer, datasets, names, shapes, edges: list[tuple[int, int]],
+                 rows: list[list[np.ndarray]]) -> None:
+    """The finish of a replay whose driver holds every step's partial sums (``rows[k][d]``,
+    pieces ``edges`` tiling the steps, in order): each dataset's total, added in step order as
+    :func:`finalize` adds them, written without the partial sums going through the cube.
+    Called before the steps' ``done`` flags are written: an interrupted run leaves complete
+    totals and unfinished steps, which a resume completes (:func:`finalize` keeps the totals
+    and removes the empty groups of partial sums)."""
+    n = writer.root["done"].shape[0]
+    if not edges or edges[0][0] != 0 or edges[-1][1] != n or any(
+            a[1] != b[0] for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"pieces {edges[:4]}… do not tile the {n} steps")
+    ctx = quiet()
+    try:
+        for d, name in enumerate(datasets):
+            total = np.zeros(rows[0][d].size, dtype=np.float64)
+            for parts in rows:
+                total += parts[d]
+            _write_total(writer.root, name, total, names, shapes)
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def drop_parts(writer, datasets) -> None:
+    """After :func:`write_totals` and the steps' ``done`` flags: the empty groups of partial
+    sums removed, the metadata consolidated."""
+    ctx = quiet()
+    try:
+        _drop_parts(writer, datasets)
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def _write_total(root, name: str, total: np.ndarray, names, shapes) -> None:
+    # Marked complete only after its data: an interrupted write is redone by the next run.
+    arr = root.require_group(PARAMS).create_array(
+        name, shape=total.shape, dtype="f8", chunks=(chunk_length(total.size),),
+        compressors=None, overwrite=True, attributes={"complete": False})
+    arr[:] = total
+    arr.attrs.update(names=list(names), shapes=[list(shapes[k]) for k in names], complete=True)
+
+
+def _drop_parts(writer, datasets) -> None:
+    parts = writer.root[PARTS] if PARTS in writer.root else None
+    for name in datasets:
+        if parts is not None and name in parts:
+            del writer.root[f"{PARTS}/{name}"]
+    zarr_files.consolidate(writer.path)
 
 
 def _leftover_parts(root) -> list[str]:

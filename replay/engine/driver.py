@@ -272,7 +272,9 @@ def execute(plan: Plan, pieces: list[tuple[int, int]], done: np.ndarray | None =
 
             bar = tqdm(total=total, unit="step", desc=f"replay [{where}]", file=sys.stderr,
                        dynamic_ncols=True)
-        held = ResultBuffer(writer, spec.datasets)
+        whole = plan.created and s.param_lca and spec.inline_parts and total == len(spec.steps)
+        held = ResultBuffer(writer, spec.datasets,
+                            totals=(plan.names, plan.shapes) if whole else None)
         try:
             for result in run_(compute_pieces, spec, pieces):
                 held.add(result)
@@ -296,7 +298,7 @@ def execute(plan: Plan, pieces: list[tuple[int, int]], done: np.ndarray | None =
         finally:
             if bar is not None:
                 bar.close()
-        held.flush()
+        held.flush(last=True)
     release_buffers()
     return stats
 

@@ -3,6 +3,7 @@ uninterrupted run bit for bit (float64)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import signal
@@ -239,8 +240,11 @@ def test_interrupted_finalisation_is_redone(run24, tmp_path):
     store, reference = run24
     cube = str(tmp_path / "c.zarr")
     plan = engine.prepare(store, out=cube, scheduler="sync", **SETTINGS)
-    engine.execute(plan, plan.pieces)
+    # Run as on a cube made earlier, whose sums go through the parts (a fresh cube's short
+    # replay writes its totals itself: the next test).
+    engine.execute(dataclasses.replace(plan, created=False), plan.pieces)
     root = zarr.open_group(cube, mode="r+", use_consolidated=False)
+    assert sorted(root["param_lca_parts/train"].array_keys())
     half = root.require_group("param_lca").create_array(
         "train", shape=(10,), dtype="f8", attributes={"complete": False})
     half[:5] = 1.0
@@ -248,3 +252,36 @@ def test_interrupted_finalisation_is_redone(run24, tmp_path):
         replay.load_param_lca(cube)
     replay.run(store, out=cube, scheduler="sync", **SETTINGS)
     assert_same_cube(cube, reference)
+
+
+def test_short_replay_interrupted_between_its_totals_and_its_steps(run24, tmp_path,
+                                                                  monkeypatch):
+    """A short replay of a fresh cube adds its per-parameter sums in memory and writes the totals
+    before its steps. Failing in between (the disk fails as the steps are written) leaves complete
+    totals and no step done: the per-parameter LCA is refused as unfinished, and the next run
+    completes the cube to the uninterrupted result."""
+    from replay.cube import writer as cubes
+    from replay.engine import driver as engine
+
+    store, reference = run24
+    cube = str(tmp_path / "c.zarr")
+    real = cubes.CubeWriter.write
+
+    def failing(self, i0, i1, result):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(cubes.CubeWriter, "write", failing)
+    plan = engine.prepare(store, out=cube, scheduler="sync", **SETTINGS)
+    with pytest.raises(OSError, match="Input/output error"):
+        engine.execute(plan, plan.pieces)
+    monkeypatch.setattr(cubes.CubeWriter, "write", real)
+    root = zarr.open_group(cube, mode="r", use_consolidated=False)
+    datasets = sorted(root["param_lca"].array_keys())
+    assert datasets and all(root[f"param_lca/{d}"].attrs["complete"] is True for d in datasets)
+    assert not np.asarray(root["done"][:]).any()
+    assert sorted(root["param_lca_parts"].group_keys()) == datasets
+    with pytest.raises(replay.errors.CubeError, match="not complete"):
+        replay.load_param_lca(cube)
+    replay.run(store, out=cube, scheduler="sync", **SETTINGS)
+    assert_same_cube(cube, reference)
+    assert list(zarr.open_group(cube, mode="r")["param_lca_parts"].group_keys()) == []
