@@ -8,7 +8,8 @@ fails it is examined again here, in the checked order, so that the message is th
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 
 from replay.engine.flat_model import FlatModel
@@ -101,7 +102,7 @@ class Chord:
         else:  # gradients are proven finite by the step's LCA (compute_piece)
             point = self.oracle.evaluate(need_grad, take if need_grad else None)
         for d, name in enumerate(self.oracle.names):
-            bad = "the loss" if not np.isfinite(point.loss[d]) else bad_grad.get(d)
+            bad = "the loss" if not math.isfinite(point.loss[d]) else bad_grad.get(d)
             if bad:
                 raise NonFinite(f"{bad} is not finite on dataset {name!r} at step {self.step} "
                                 f"(s={s:g} along the update); {_SKIP}")

@@ -132,7 +132,10 @@ class LossOracle:
         for step in steps if self.mode is not None else ():
             if used >= max_bytes:
                 break
-            batches = {name: self._sampled(name, int(step)) for name in self.names}
+            try:
+                batches = {name: self._sampled(name, int(step)) for name in self.names}
+            except Exception:  # raised again by prepare(), at the step whose data fails
+                break
             used += sum(_nbytes(b) for bs in batches.values() for b in bs)
             self._ahead[int(step)] = batches
 
@@ -169,32 +172,34 @@ class LossOracle:
         and returns what the Point keeps of it (a tensor, or None); without it the Point keeps
         a copy of each gradient.
         """
-        losses = np.empty(len(self.names))
+        # Between two model passes every operation runs with the interpreter's caches cold
+        # (docs/benchmarks.md, bench_cold_ops.py): this loop does as few as it can.
+        losses = []
         grads = [] if need_grad else None
-        model = self.flat.model
-        for d, name in enumerate(self.names):
-            if need_grad:
-                self.flat.grad.zero_()
-            total, count = 0.0, 0.0
-            with torch.set_grad_enabled(need_grad):
+        model, flat = self.flat.model, self.flat
+        with torch.set_grad_enabled(need_grad):
+            for d, name in enumerate(self.names):
+                if need_grad:
+                    flat.grad.zero_()
+                total, count = 0.0, 0.0
                 for batch in self._batches[name]:
                     loss_sum, n = self.task.loss(model, batch)
                     if need_grad:
                         loss_sum.backward()
-                    total += float(loss_sum.detach())
+                    total += loss_sum.item()
                     count += float(n)
-            if count <= 0:
-                raise ReplayError(
-                    f"task loss returned a total count of {count} on dataset {name!r} at step "
-                    f"{self.step}; loss() must return (sum of losses, number of items/tokens)"
-                )
-            losses[d] = total / count
-            if need_grad:
-                self.flat.check_bound()
-                if take is None:
-                    grads.append(self.flat.grad / count)
-                else:  # divided in place: the same rounding as the copy above
-                    grads.append(take(d, self.flat.grad.div_(count)))
+                if count <= 0:
+                    raise ReplayError(
+                        f"task loss returned a total count of {count} on dataset {name!r} at "
+                        f"step {self.step}; loss() must return (sum of losses, number of "
+                        "items/tokens)")
+                losses.append(total / count)
+                if need_grad:
+                    flat.check_bound()
+                    if take is None:
+                        grads.append(flat.grad / count)
+                    else:  # divided in place: the same rounding as the copy above
+                        grads.append(take(d, flat.grad.div_(count)))
         if grads is not None and all(g is None for g in grads):
             grads = None
-        return Point(losses, grads)
+        return Point(np.array(losses), grads)

@@ -10,6 +10,7 @@ are kept per worker thread between calls (:mod:`replay.engine.runtime`).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 from collections.abc import Iterator
@@ -90,6 +91,8 @@ class _Walk:
         self.layout = self.rt.traj.layout
         self.points = self.rt.traj.walk_flat(self.start_step,
                                              int(spec.step_ends[self.stop - 1]))
+        self.decoded: collections.deque = collections.deque()  # points taken from it ahead
+        self.undecodable: Exception | None = None  # why the walk could not decode further
         self.theta0 = self.state0 = self.prev = None
 
     def start(self) -> None:
@@ -125,6 +128,9 @@ class _Walk:
                 k += 1
                 continue
             began, bad = time.perf_counter(), None
+            # The group's θ and samples, decoded and drawn before its model passes.
+            self._decode(group.planned[-1][1] - group.planned[0][0])
+            self.oracle.prefetch(self.spec.steps[group.planned[0][0]:group.planned[-1][1]])
             try:
                 for i0, i1 in group.planned:
                     self._timed(i0, i1, group)
@@ -190,15 +196,15 @@ class _Walk:
         }
         cum = group.begin(out) if group is not None else _sums(self.rt, self.spec, nd,
                                                                    flat.size)
-        points = self.points
-        if (n + 1) * flat.size * flat.theta.element_size() <= AHEAD_BYTES:
-            # A small model's θ for the whole piece, decoded together (as the samples below)
-            # rather than between its model passes (see LossOracle.prefetch).
-            points = iter(list(itertools.islice(self.points, n)))
-        self.oracle.prefetch(self.spec.steps[i0:i1])
+        if group is None:
+            if (n + 1) * flat.size * flat.theta.element_size() <= AHEAD_BYTES:
+                # A small model's θ for the whole piece, decoded together (as the samples
+                # below) rather than between its model passes (see LossOracle.prefetch).
+                self._decode(n)
+            self.oracle.prefetch(self.spec.steps[i0:i1])
         counts = [0, 0]  # evaluations, forward-only evaluations
         for j in range(n):
-            self._step(out, cum, i0, j, points, group, counts)
+            self._step(out, cum, i0, j, group, counts)
         out.update(i0=i0, i1=i1, evaluations=counts[0], forwards=counts[1], cum=cum)
         return out
 
@@ -213,12 +219,29 @@ class _Walk:
         out["parts"] = parts
         return out
 
-    def _step(self, out: dict, cum, i0: int, j: int, points, held, counts: list) -> None:
+    def _decode(self, n: int) -> None:
+        """The walk's next ``n`` points decoded now (those decoded already count). A file that
+        fails to decode fails the step that needs it, as if read then: the steps before it
+        are still computed (and kept)."""
+        if self.undecodable is None:
+            try:
+                self.decoded.extend(itertools.islice(self.points, max(0, n - len(self.decoded))))
+            except Exception as err:
+                self.undecodable = err
+
+    def _next_point(self):
+        if self.decoded:
+            return self.decoded.popleft()
+        if self.undecodable is not None:
+            raise self.undecodable
+        return next(self.points, (None, None, None))
+
+    def _step(self, out: dict, cum, i0: int, j: int, held, counts: list) -> None:
         """Interval i0 + j: integrated, and reduced now or held for the piece's end."""
         s, spec, flat, exact = self.s, self.spec, self.flat, self.exact
         i = i0 + j
         t, t1 = int(spec.steps[i]), int(spec.step_ends[i])
-        t_next, params, state = next(points, (None, None, None))
+        t_next, params, state = self._next_point()
         if t_next != t1:
             raise ReplayError(f"trajectory {spec.trajectory}: expected recorded step "
                               f"{t1} after {t}, found {t_next}; run `lca verify` on it")

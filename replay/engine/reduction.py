@@ -55,6 +55,7 @@ class Group:
         steps = sum(i1 - i0 for i0, i1 in planned)
         self.deltas = torch.empty((steps, flat.size), dtype=flat.dtype, device=flat.device)
         self.gbar: list[list[torch.Tensor]] = []
+        self.thetas: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.where: list[tuple[int, int]] = []  # per held step: (its piece, its row there)
         self.pieces: list[dict] = []  # the cube arrays of the pieces begun
 
@@ -64,8 +65,9 @@ class Group:
         return self.cums[len(self.pieces) - 1]
 
     def hold(self, j: int, theta1, theta0, gbar) -> None:
-        """Step j of the piece begun last: Δ = θ1 − θ0 and its mean gradients."""
-        torch.sub(theta1, theta0, out=self.deltas[len(self.gbar)])
+        """Step j of the piece begun last: its θ at both ends (Δ = θ1 − θ0 is formed by
+        :meth:`reduce`; they are the walk's, valid until then) and its mean gradients."""
+        self.thetas.append((theta1, theta0))
         self.gbar.append(gbar)
         self.where.append((len(self.pieces) - 1, j))
 
@@ -74,6 +76,9 @@ class Group:
         (the run stops there, so sums past it do not matter)."""
         gbar, where, self.gbar, self.where = self.gbar, self.where, [], []
         m = len(gbar)
+        for k, (theta1, theta0) in enumerate(self.thetas):
+            torch.sub(theta1, theta0, out=self.deltas[k])
+        self.thetas = []
         sums = None
         if m and m * len(gbar[0]) * self.deltas.shape[1] * self.deltas.element_size() <= \
                 GROUP_BYTES:
