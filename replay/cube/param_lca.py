@@ -42,8 +42,8 @@ def drop_stale_parts(writer, datasets, pieces, done: np.ndarray | None = None) -
     another live replay's, written just before its ``done`` flags."""
     done = writer.done_mask() if done is None else done
     for name in datasets:
-        group = writer.root[f"{PARTS}/{name}"]
-        for key in list(group.array_keys()):
+        group = _parts(writer.root, name)
+        for key in list(group.array_keys()) if group is not None else ():
             arr = group[key]
             rows = _rows(key, arr)
             stale = {j for j, (a, b) in rows.items()
@@ -85,8 +85,7 @@ def finalize(writer, datasets, names, shapes) -> bool:
         for name in datasets:
             if _complete(writer.root, name):
                 continue
-            group = writer.root[f"{PARTS}/{name}"] \
-                if PARTS in writer.root and name in writer.root[PARTS] else None
+            group = _parts(writer.root, name)
             rows, arrays = [], {}  # (i0, i1, array key, row index); the arrays by key
             for key in group.array_keys() if group is not None else ():
                 arrays[key] = group[key]
@@ -129,7 +128,7 @@ def write_totals(writer, datasets, names, shapes, edges: list[tuple[int, int]],
     :func:`finalize` adds them, written without the partial sums going through the cube.
     Called before the steps' ``done`` flags are written: an interrupted run leaves complete
     totals and unfinished steps, which a resume completes (:func:`finalize` keeps the totals
-    and removes the empty groups of partial sums)."""
+    and removes the partial sums the resume wrote)."""
     n = writer.root["done"].shape[0]
     if not edges or edges[0][0] != 0 or edges[-1][1] != n or any(
             a[1] != b[0] for a, b in zip(edges, edges[1:])):
@@ -146,8 +145,8 @@ def write_totals(writer, datasets, names, shapes, edges: list[tuple[int, int]],
 
 
 def drop_parts(writer, datasets) -> None:
-    """After :func:`write_totals` and the steps' ``done`` flags: the empty groups of partial
-    sums removed, the metadata consolidated."""
+    """After :func:`write_totals` and the steps' ``done`` flags: any groups of partial sums
+    removed, the metadata consolidated."""
     ctx = quiet()
     try:
         _drop_parts(writer, datasets)
@@ -172,6 +171,11 @@ def _drop_parts(writer, datasets) -> None:
     zarr_files.consolidate(writer.path)
 
 
+def _parts(root, dataset: str):
+    """The group of ``dataset``'s partial sums, or None before its first write."""
+    return root[f"{PARTS}/{dataset}"] if PARTS in root and dataset in root[PARTS] else None
+
+
 def _leftover_parts(root) -> list[str]:
     return sorted(root[PARTS].group_keys()) if PARTS in root else []
 
@@ -184,7 +188,9 @@ def _complete(root, dataset: str) -> bool:
 
 def write_param_part(path: str, dataset: str, i0: int, i1: int, values: np.ndarray) -> None:
     """Called by a replay task: its steps' per-element LCA sums (D,) for one dataset."""
-    group = zarr_files.open_root(path, mode="r+")[f"{PARTS}/{dataset}"]
+    # The group is made by the first write (several tasks may make it at once: a directory
+    # and the same document, written atomically).
+    group = zarr_files.open_root(path, mode="r+").require_group(f"{PARTS}/{dataset}")
     arr = group.create_array(f"{i0:09d}-{i1:09d}", shape=values.shape, dtype="f8",
                              chunks=(chunk_length(values.size),), compressors=None,
                              overwrite=True)
@@ -195,7 +201,7 @@ def write_param_rows(root, dataset: str, edges: list[tuple[int, int]],
                      rows: list[np.ndarray]) -> None:
     """Called by the driver: the partial sums (D,) of the contiguous pieces ``edges``, one row
     each, as one array."""
-    group = root[f"{PARTS}/{dataset}"]
+    group = root.require_group(f"{PARTS}/{dataset}")
     size = rows[0].size
     # Rows share a chunk up to CHUNK values: on a small model, creating a file per row would
     # cost more than writing the piece's sums.
@@ -231,8 +237,8 @@ def load_param_lca(cube_path: str) -> dict[str, dict[str, torch.Tensor]]:
     if _settings(root).get("param_lca", True) is False:
         raise CubeError(f"{cube_path} was replayed with param_lca=False (CLI --no-param-lca) and "
                         "holds no per-parameter LCA; replay into another cube without it")
-    if PARAMS not in root or _leftover_parts(root):
-        missing = int((~np.asarray(root["done"][:], dtype=bool)).sum()) if "done" in root else -1
+    missing = int((~np.asarray(root["done"][:], dtype=bool)).sum()) if "done" in root else -1
+    if PARAMS not in root or _leftover_parts(root) or missing:
         why = f"{missing} steps missing" if missing else "all steps done, not yet added up"
         raise CubeError(
             f"per-parameter LCA of {cube_path} is not complete ({why}); "

@@ -16,10 +16,9 @@ import shutil
 import uuid
 
 import numpy as np
-import zarr
 
 from replay.cube import zarr_docs, zarr_files
-from replay.cube.schema import (COORDS, FLOAT_VARIABLES, PARTS, VARIABLES, Coords, build,
+from replay.cube.schema import (COORDS, FLOAT_VARIABLES, VARIABLES, Coords, build,
                                 coordinate_values, coordinates_attribute, quiet,
                                 variable_shapes)
 from replay.errors import CubeError
@@ -29,16 +28,16 @@ from replay.errors import CubeError
 FREE_SETTINGS = ("nonfinite",)
 
 
-def create(path: str, layout: Coords, attrs: dict, *, parts: bool = True) -> bool:
-    """Write an empty cube; never touches an existing store. ``parts``: with the groups that
-    collect per-parameter partial sums (:mod:`replay.cube.param_lca`).
+def create(path: str, layout: Coords, attrs: dict) -> bool:
+    """Write an empty cube; never touches an existing store. The groups of per-parameter
+    partial sums are made by their first write (:mod:`replay.cube.param_lca`).
 
     A local cube is built in a hidden directory beside ``path`` and renamed into place (atomic),
     so no reader sees half a cube, a failed write (disk full) leaves nothing behind, and of two
     replays racing to create it one wins: the other gets False and resumes the winner's cube.
     """
     if "://" in path:
-        _write_empty(path, layout, attrs, parts)
+        _write_empty(path, layout, attrs)
         return True
     _refuse_foreign(path)
     parent = os.path.dirname(os.path.abspath(path))
@@ -46,7 +45,7 @@ def create(path: str, layout: Coords, attrs: dict, *, parts: bool = True) -> boo
     tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.creating")
     os.mkdir(tmp)
     try:
-        _write_empty(tmp, layout, attrs, parts)
+        _write_empty(tmp, layout, attrs)
         try:
             os.rename(tmp, path)   # replaces nothing but a missing path or an empty directory
         except OSError as err:
@@ -77,11 +76,11 @@ _EAGER_VALUES = 1 << 22
 _NAN_FILL = "AAAAAAAA+H8="
 
 
-def _write_empty(path: str, layout: Coords, attrs: dict, parts: bool) -> None:
-    (_write_files if zarr_files.is_local(path) else _write_xarray)(path, layout, attrs, parts)
+def _write_empty(path: str, layout: Coords, attrs: dict) -> None:
+    (_write_files if zarr_files.is_local(path) else _write_xarray)(path, layout, attrs)
 
 
-def _write_xarray(path: str, layout: Coords, attrs: dict, parts: bool) -> None:
+def _write_xarray(path: str, layout: Coords, attrs: dict) -> None:
     """The empty cube through xarray and zarr (a remote store)."""
     shapes = variable_shapes(layout)
     eager = sum(int(np.prod(s)) for s in shapes.values()) <= _EAGER_VALUES
@@ -96,16 +95,13 @@ def _write_xarray(path: str, layout: Coords, attrs: dict, parts: bool) -> None:
     try:
         ds.to_zarr(path, mode="w-", compute=eager, encoding=encoding, zarr_format=3,
                    consolidated=True)
-        root = zarr.open_group(path, mode="r+", use_consolidated=False)
-        for name in layout.datasets if parts else ():
-            root.require_group(f"{PARTS}/{name}")
     except FileExistsError:
         raise CubeError(f"{path} already exists; pass it to resume, or choose another --cube") from None
     finally:
         ctx.__exit__(None, None, None)
 
 
-def _write_files(path: str, layout: Coords, attrs: dict, parts: bool) -> None:
+def _write_files(path: str, layout: Coords, attrs: dict) -> None:
     """The empty cube as files: the documents xarray's ``to_zarr`` writes for the schema
     (coordinates in one chunk each, every variable empty so without chunk files)."""
     root = zarr_files.Group.create(path, attributes=attrs)
@@ -122,8 +118,6 @@ def _write_files(path: str, layout: Coords, attrs: dict, parts: bool) -> None:
         root.create_array(name, shape=shape, dtype=var.dtype, chunks=(layout.chunk,) + shape[1:],
                           compressors="zstd", fill_value=var.empty, dimension_names=var.dims,
                           attributes={**var.attrs, **extra})
-    for name in layout.datasets if parts else ():
-        root.require_group(f"{PARTS}/{name}")
     zarr_docs.consolidate(path)
 
 

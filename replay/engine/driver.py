@@ -177,7 +177,7 @@ def prepare(trajectory, task=None, *, settings: ReplaySettings | None = None,
                 trajectory_path=traj.path, manifest_sha256=traj.manifest_sha256,
                 settings=recorded, gradient=describe_gradient(s.mode), quadrature=s.quadrature,
                 tolerance=s.tolerance)
-            created = cubes.create(out, layout, attrs, parts=s.param_lca)
+            created = cubes.create(out, layout, attrs)
         except OSError as err:
             raise failure.write_failure(out, err, None, True) or err from None
         if not created:  # another replay created it a moment ago: resume that one

@@ -279,7 +279,7 @@ def test_short_replay_interrupted_between_its_totals_and_its_steps(run24, tmp_pa
     datasets = sorted(root["param_lca"].array_keys())
     assert datasets and all(root[f"param_lca/{d}"].attrs["complete"] is True for d in datasets)
     assert not np.asarray(root["done"][:]).any()
-    assert sorted(root["param_lca_parts"].group_keys()) == datasets
+    assert "param_lca_parts" not in root  # nothing went through the partial sums
     with pytest.raises(replay.errors.CubeError, match="not complete"):
         replay.load_param_lca(cube)
     replay.run(store, out=cube, scheduler="sync", **SETTINGS)
