@@ -13,7 +13,7 @@ the ratios within each round of interleaved runs (``common.paired``), three time
 rounds for a replay of at most 100 steps; the ratio of the medians is printed beside it. The
 cube a run leaves is removed before the next, untimed. Usage::
 
-    python benchmarks/bench_fast.py [--steps 40,400] [--repeats 3] [--train-size 256]
+    python benchmarks/bench_fast.py [--steps 40,400] [--repeats 5] [--train-size 256]
                                     [--work DIR] [--quick]
 """
 
@@ -109,8 +109,8 @@ def measure(args, steps: int, targs: dict, work: str, loop, client) -> list[dict
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", default="40,400", help="replay lengths, comma-separated (40,400)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="interleaved repeats (3; three times as many for <= 100 steps)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="interleaved repeats (5; three times as many for <= 100 steps)")
     p.add_argument("--train-size", type=int, default=256, help="train split size; test 1/4")
     p.add_argument("--work", default=None, help="directory for trajectories (reused) and cubes")
     p.add_argument("--quick", action="store_true", help="40 steps only, 1 repeat")
